@@ -1,0 +1,1 @@
+"""Skin lesion classification pipeline library."""

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The main job: stages 01 -> 05 of a recipe folder, ending with output/<exp>/submission.csv.
+#
+#   bash run_all.sh                                   # shipped MILK10k sample, CPU, a few minutes
+#   bash run_all.sh configs/milk10k_dev               # the full dev-set CPU recipe
+#   bash run_all.sh configs/milk10k_sample --data /kaggle/input/milk10k --output /kaggle/working/output
+#
+# A recipe folder holds base.yaml (01), train_*.yaml (02, each one an image-model experiment),
+# stack*.yaml (03 + 04), submit.yaml (05). Extra arguments are passed to every stage.
+set -euo pipefail
+cd "$(dirname "$0")"
+RECIPE=${1:-configs/milk10k_sample}
+[ $# -gt 0 ] && shift
+PY=${PYTHON:-python}
+t0=$(date +%s)
+stage() { echo "=== $* ($(( $(date +%s) - t0 ))s)"; "$PY" "$@"; }
+
+stage 01_preprocess.py -c "$RECIPE/base.yaml" "$@"
+for f in "$RECIPE"/train_*.yaml; do [ -e "$f" ] && stage 02_train_fold.py -c "$f" "$@"; done
+for f in "$RECIPE"/stack*.yaml; do
+  [ -e "$f" ] || continue
+  stage 03_extract_features.py -c "$f" "$@"
+  stage 04_stack.py -c "$f" "$@"
+done
+stage 05_submit.py -c "$RECIPE/submit.yaml" "$@"
+if [ -f "$RECIPE/score.txt" ]; then
+  # score.txt: "<truth csv> <submission csv>" for a test split whose labels are held out
+  read -r truth sub < "$RECIPE/score.txt"
+  stage tools/score_submission.py --truth "$truth" --submission "$sub"
+fi
+echo "=== done in $(( $(date +%s) - t0 ))s"

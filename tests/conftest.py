@@ -1,0 +1,11 @@
+"""Test setup: repo root on sys.path, quiet threads, shared fixtures."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("KERAS_BACKEND", "torch")

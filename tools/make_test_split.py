@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Lay out part of a labelled MILK10k training release as an official test release.
+
+Writes `<out>/MILK10k_Training_*` (the rest), `<out>/MILK10k_Test_Input/<lesion_id>/<isic_id>.jpg`,
+`<out>/MILK10k_Test_Metadata.csv` and the held-out labels aside in
+`<out>/held_out/MILK10k_Test_GroundTruth.csv` (no reader looks there), so the whole route can be
+scored end to end with the official scorer. Stratified and seeded.
+
+    python tools/make_test_split.py --src ../shared/data/milk10k --out output/milk10k_split --test-frac 0.2
+    # the shipped sample (images re-encoded at 256 px, a fixed number of lesions per class):
+    python tools/make_test_split.py --src ../shared/data/milk10k --out input/milk10k_sample \
+        --train-per-class BCC=25,NV=10,BKL=10,SCCKA=8,MEL=8,AKIEC=8,DF=6,INF=6,VASC=6,BEN_OTH=6,MAL_OTH=5 \
+        --test-per-class BCC=8,NV=3,BKL=3,SCCKA=3,MEL=3,AKIEC=2,DF=2,INF=2,VASC=2,BEN_OTH=2,MAL_OTH=2 --resize 256
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+
+from lib.cache import read_rgb  # noqa: E402
+from lib.data import MILK_CLASSES, read_csv  # noqa: E402
+from lib.errors import PipelineError  # noqa: E402
+from lib.io import write_csv  # noqa: E402
+
+log = logging.getLogger("make_test_split")
+
+
+def _per_class(text: str | None) -> dict[str, int]:
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))} if text else {}
+
+
+def _pick(gt: pd.DataFrame, counts: dict[str, int], rng: np.random.Generator) -> list[str]:
+    ids = []
+    for c, n in counts.items():
+        pool = gt.loc[gt["dx"] == c, "lesion_id"].tolist()
+        if len(pool) < n:
+            raise PipelineError(f"class {c}: asked {n} lesions, only {len(pool)} available")
+        ids += list(rng.choice(sorted(pool), n, replace=False))
+    return ids
+
+
+def _copy_image(src: Path, dst: Path, resize: int | None, link: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if resize:
+        img = read_rgb(src)
+        h, w = img.shape[:2]
+        s = resize / max(h, w)
+        if s < 1:
+            img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(dst), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    elif link:
+        if dst.exists():
+            dst.unlink()
+        os.symlink(src.resolve(), dst)
+    else:
+        shutil.copyfile(src, dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="MILK10k training release folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--test-frac", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--train-per-class", help="CLASS=N,... lesions kept for train (instead of the rest)")
+    p.add_argument("--test-per-class", help="CLASS=N,... lesions for test (instead of --test-frac)")
+    p.add_argument("--resize", type=int, help="re-encode images with this long side (JPEG q85)")
+    p.add_argument("--link", action="store_true", help="symlink images instead of copying")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    src, out = Path(a.src), Path(a.out)
+    try:
+        gt = read_csv(src / "MILK10k_Training_GroundTruth.csv", "ground truth", ["lesion_id"])
+        meta = read_csv(src / "MILK10k_Training_Metadata.csv", "metadata", ["lesion_id", "isic_id"])
+        classes = [c for c in MILK_CLASSES if c in gt.columns]
+        gt["dx"] = gt[classes].astype(float).to_numpy().argmax(1)
+        gt["dx"] = gt["dx"].map(dict(enumerate(classes)))
+        rng = np.random.default_rng(a.seed)
+        if a.test_per_class:
+            test_ids = _pick(gt, _per_class(a.test_per_class), rng)
+        else:
+            _, te = train_test_split(gt, test_size=a.test_frac, stratify=gt["dx"], random_state=a.seed)
+            test_ids = te["lesion_id"].tolist()
+        rest = gt[~gt["lesion_id"].isin(test_ids)]
+        train_ids = _pick(rest, _per_class(a.train_per_class), rng) if a.train_per_class else rest["lesion_id"].tolist()
+        if out.exists() and any(out.iterdir()):
+            raise PipelineError(f"{out} exists and is not empty; choose a new folder")
+        for split, ids in (("Training", sorted(train_ids)), ("Test", sorted(test_ids))):
+            m = meta[meta["lesion_id"].isin(ids)].sort_values(["lesion_id", "image_type"])
+            for _, r in m.iterrows():
+                _copy_image(src / "MILK10k_Training_Input" / r.lesion_id / f"{r.isic_id}.jpg",
+                            out / f"MILK10k_{split}_Input" / r.lesion_id / f"{r.isic_id}.jpg", a.resize, a.link)
+            write_csv(m, out / f"MILK10k_{split}_Metadata.csv")
+            g = gt[gt["lesion_id"].isin(ids)].drop(columns="dx").sort_values("lesion_id")
+            write_csv(g, out / ("MILK10k_Training_GroundTruth.csv" if split == "Training"
+                                else "held_out/MILK10k_Test_GroundTruth.csv"))
+            sup = src / "MILK10k_Training_Supplement.csv"
+            if split == "Training" and sup.exists():
+                s = read_csv(sup, "supplement", ["isic_id"])
+                write_csv(s[s["isic_id"].isin(m["isic_id"])], out / "MILK10k_Training_Supplement.csv")
+            log.info("%s: %d lesions, %d images", split, len(ids), len(m))
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
