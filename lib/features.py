@@ -30,9 +30,12 @@ def encoder_spec(enc: dict, views: list[str], cache_tag: str) -> dict:
     """Everything that determines an encoder's embeddings (its cache key)."""
     pre = backbones.preprocess_spec(enc["arch"], enc["weights"])
     size = int(enc["size"] or pre["size"])
-    return {"arch": enc["arch"], "weights": enc["weights"], "size": size,
+    spec = {"arch": enc["arch"], "weights": enc["weights"], "size": size,
             "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]],
             "views": views, "image_cache": cache_tag}
+    if pre.get("resize_mode") == "squash":  # default (short side + center crop) is left out of the key
+        spec["resize_mode"] = "squash"
+    return spec
 
 
 def spec_key(spec: dict) -> str:
@@ -47,7 +50,7 @@ def emb_columns(name: str, modality: str, dim: int) -> list[str]:
 def embed_paths(model: torch.nn.Module, paths: list[str], spec: dict, device: str, batch_size: int,
                 workers: int, desc: str, keep_views: bool = False) -> np.ndarray:
     """[N, F] embeddings averaged over the TTA views ([N, V, F] if keep_views)."""
-    ds = EvalImages(paths, spec["size"], spec["mean"], spec["std"])
+    ds = EvalImages(paths, spec["size"], spec["mean"], spec["std"], spec.get("resize_mode", "shortest"))
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                     persistent_workers=False, prefetch_factor=4 if workers else None)
     out = []
@@ -66,7 +69,7 @@ def embed_paths(model: torch.nn.Module, paths: list[str], spec: dict, device: st
 
 def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
     """Embeddings of one encoder for each split, from the shared cache or computed (and cached)."""
-    views = parse_views(cfg["features"]["tta"])
+    views = parse_views(enc.get("tta") or cfg["features"]["tta"])
     spec = encoder_spec(enc, views, info["cache_tag"])
     folder = prep_dir(cfg) / "features" / f"{enc['name']}-{spec_key(spec)}"
     device = torch_device(cfg)

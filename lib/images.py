@@ -31,14 +31,26 @@ def to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> t
     return x.sub_(m).div_(s)
 
 
-class EvalImages(Dataset):
-    """Paths -> normalized center-cropped tensors (the inference view before TTA)."""
+def eval_view(img: np.ndarray, size: int, resize_mode: str = "shortest") -> np.ndarray:
+    """The deterministic inference view: `squash` resizes the whole image to size x size (what
+    sklesion was trained with); anything else resizes the short side and center-crops."""
+    if resize_mode == "squash":
+        s = size / min(img.shape[:2])
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return resize_center_crop(img, size)
 
-    def __init__(self, paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+
+class EvalImages(Dataset):
+    """Paths -> normalized tensors of the inference view (before TTA)."""
+
+    def __init__(self, paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float],
+                 resize_mode: str = "shortest") -> None:
         self.paths, self.size, self.mean, self.std = list(paths), int(size), tuple(mean), tuple(std)
+        self.resize_mode = resize_mode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return to_tensor(resize_center_crop(read_rgb(self.paths[i]), self.size), self.mean, self.std)
+        img = eval_view(read_rgb(self.paths[i]), self.size, self.resize_mode)
+        return to_tensor(img, self.mean, self.std)

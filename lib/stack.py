@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -408,3 +409,88 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
         importance=importance,
         fold_of=pd.Series(folds, index=pd.Index(ids, name=ID), name="fold"),
     )
+
+
+# --------------------------------------------------------------------------- stage 04
+def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, list[str]]]:
+    """Join embeddings, MONET, metadata and members' OOF probabilities on lesion_id (asserted)."""
+    from lib.features import load_features
+    from lib.io import merge_on_id
+    from lib.submission import load_member
+
+    s = cfg["stack"]
+    classes = info["classes"]
+    keep = [ID, "fold", *[f"y_{c}" for c in classes]]
+    tr, te = train[keep].copy(), None if test is None else test[[ID]].copy()
+    blocks: dict[str, list[str]] = {}
+    if s["use_monet"] and info["monet_columns"]:
+        blocks["monet"] = list(info["monet_columns"])
+    if s["use_meta"] and info["meta_columns"]:
+        blocks["meta"] = list(info["meta_columns"])
+    for name in [*blocks]:
+        tr[blocks[name]] = train[blocks[name]].to_numpy()
+        if te is not None:
+            te[blocks[name]] = test[blocks[name]].to_numpy()
+    for name in s["features"]:
+        ftr = load_features(cfg, [name], "train", s["features_exp"])
+        tr = merge_on_id(tr, ftr, f"features {name} (train)")
+        fte = None if te is None else load_features(cfg, [name], "test", s["features_exp"])
+        if te is not None:
+            if fte is None:
+                raise PipelineError(f"features {name}: no test embeddings; rerun 03 with the test split")
+            te = merge_on_id(te, fte, f"features {name} (test)")
+        for m in info["modalities"]:
+            cols = [c for c in ftr.columns if c.startswith(f"emb_{name}_{m}_")]
+            if cols:
+                blocks[f"emb_{name}_{m}"] = cols
+        rest = [c for c in ftr.columns if c != ID and not any(c in b for b in blocks.values())]
+        if rest:
+            blocks[f"emb_{name}"] = rest
+    for exp in s["oof_exps"]:
+        oof, pte = load_member(cfg, exp, train, test, classes)
+        ren = {c: f"oof_{exp}_{c}" for c in classes}
+        tr = merge_on_id(tr, oof.rename(columns=ren), f"OOF of {exp}")
+        if te is not None:
+            te = merge_on_id(te, pte.rename(columns=ren), f"test predictions of {exp}")
+        blocks[f"oof_{exp}"] = list(ren.values())
+    if not blocks:
+        raise PipelineError("stack: no inputs (set stack.features, stack.oof_exps, use_monet or use_meta)")
+    return tr, te, blocks
+
+
+def run(cfg: dict) -> dict:
+    """Stage 04: nested stacking on folds.csv; writes oof.parquet, test.parquet, cv.json."""
+    from lib import report as R
+    from lib.config import exp_dir, save_config
+    from lib.io import write_json, write_parquet
+    from lib.prepare import load_dataset
+
+    t0 = time.time()
+    info, train, test = load_dataset(cfg)
+    classes = info["classes"]
+    tr, te, blocks = build_inputs(cfg, info, train, test)
+    s = cfg["stack"]
+    model_cfg = {k: s[k] for k in DEFAULTS}
+    model_cfg["renorm"] = info["task"] != "multilabel" and s["renorm"]
+    res = fit_predict_stack(tr, te, blocks, classes, model_cfg)
+    out = exp_dir(cfg)
+    write_parquet(res.oof, out / "oof.parquet")
+    if res.test is not None:
+        write_parquet(res.test, out / "test.parquet")
+    for h, df in res.per_head_oof.items():
+        write_parquet(df, out / "heads" / f"oof_{h}.parquet")
+    for h, df in (res.per_head_test or {}).items():
+        if df is not None:
+            write_parquet(df, out / "heads" / f"test_{h}.parquet")
+    write_parquet(res.importance, out / "importance.parquet")
+    cv = R.cv_summary(train, res.oof, classes, info["task"])
+    cv["per_head"] = {h: R.cv_summary(train, df, classes, info["task"]) for h, df in res.per_head_oof.items()}
+    cv["blocks"] = {k: len(v) for k, v in blocks.items()}
+    cv["seconds"] = round(time.time() - t0, 1)
+    write_json(cv, out / "cv.json")
+    save_config(cfg, out)
+    for h, c in cv["per_head"].items():
+        R.log_cv(f"head {h}", c)
+    R.log_cv("stack", cv)
+    return cv

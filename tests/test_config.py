@@ -230,3 +230,12 @@ def test_run_script_turns_pipeline_error_into_exit_2(capsys):
     assert "error: bad thing in file.csv line 3" in err and "Traceback" not in err
     assert C.run_script(lambda cfg: None, [], "d") == 0
     assert C.run_script(lambda cfg: None, ["cache.bogus=1"], "d") == 2
+
+
+def test_section_given_a_value_is_an_error(tmp_path):
+    with pytest.raises(PipelineError, match=r"config: 'train\.sampler' is a section; set its keys \(kind, power"):
+        C.load_config(None, ["train.sampler=balanced"])
+    with pytest.raises(PipelineError, match=r"config: 'cache' is a section"):
+        C.load_config(write(tmp_path / "x.yaml", "cache: 5\n"))
+    cfg = C.load_config(write(tmp_path / "y.yaml", "cache:\n  # size: 128\nseed: 3\n"))   # empty section
+    assert cfg["cache"] == C.defaults()["cache"] and cfg["seed"] == 3

@@ -68,3 +68,13 @@ def test_eval_images_dataset(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(PipelineError, match=r"bad\.jpg"):
         I.EvalImages([str(tmp_path / "bad.jpg")], 24, (0, 0, 0), (1, 1, 1))[0]
+
+
+def test_eval_view_modes():
+    img = rgb(60, 90, seed=1)
+    assert np.array_equal(I.eval_view(img, 32), I.resize_center_crop(img, 32))
+    squash = I.eval_view(img, 32, "squash")
+    assert squash.shape == (32, 32, 3) and squash.dtype == np.uint8
+    assert not np.array_equal(squash, I.resize_center_crop(img, 32))   # keeps the sides instead of cropping
+    big = I.eval_view(rgb(10, 20), 64, "squash")
+    assert big.shape == (64, 64, 3)

@@ -1,0 +1,97 @@
+"""Stage 03 on the shipped sample with timm's tiny test model: outputs, ids, caching and reuse."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lib import features, prepare
+from lib.config import load_config
+from lib.errors import PipelineError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"name": "tiny", "arch": "test_efficientnet", "weights": None, "size": 64}
+
+
+def _cfg(out: Path, exp: str = "f1", **kw: object) -> dict:
+    ov = [f"paths.output={out}", f"data.root={ROOT / 'input/milk10k_sample'}", "cache.size=96",
+          f"exp={exp}", "features.batch_size=16", "features.workers=0", "threads=2"]
+    cfg = load_config(None, ov)
+    cfg["features"]["encoders"] = [dict(TINY, hub=False, **kw)]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("feat")
+    prepare.run(_cfg(out))
+    return out
+
+
+def test_extract_writes_id_keyed_tables(prepared: Path) -> None:
+    cfg = _cfg(prepared)
+    features.run(cfg)
+    info, train, test = prepare.load_dataset(cfg)
+    tr = pd.read_parquet(prepared / "f1/features/tiny_train.parquet")
+    te = pd.read_parquet(prepared / "f1/features/tiny_test.parquet")
+    assert list(tr["lesion_id"]) == list(train["lesion_id"]) and list(te["lesion_id"]) == list(test["lesion_id"])
+    derm = [c for c in tr.columns if c.startswith("emb_tiny_dermoscopic_")]
+    clin = [c for c in tr.columns if c.startswith("emb_tiny_clinical_")]
+    assert len(derm) == len(clin) > 0 and len(tr.columns) == 1 + 2 * len(derm)
+    assert tr[derm].notna().all().all() and tr[derm].std().sum() > 0
+    assert (prepared / "f1/features/config.yaml").exists()
+    meta = features.feature_info(cfg, "tiny")
+    assert meta["views"] == ["id", "hflip"] and meta["n_images"] == 2 * len(train)
+
+
+def test_second_experiment_reuses_cached_embeddings(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
+    features.run(_cfg(prepared, "f1"))
+    src = next((prepared / "prep").rglob("features/tiny-*/train.parquet"))
+    mtime = src.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        features.run(_cfg(prepared, "f2"))
+    assert src.stat().st_mtime_ns == mtime
+    assert "cached embeddings reused" in caplog.text
+    a = pd.read_parquet(prepared / "f1/features/tiny_train.parquet")
+    b = pd.read_parquet(prepared / "f2/features/tiny_train.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_other_preprocessing_gets_other_cache_key(prepared: Path) -> None:
+    cfg = _cfg(prepared)
+    info, _, _ = prepare.load_dataset(cfg)
+    enc = cfg["features"]["encoders"][0]
+    k1 = features.spec_key(features.encoder_spec(enc, ["id", "hflip"], info["cache_tag"]))
+    k2 = features.spec_key(features.encoder_spec(enc, ["id"], info["cache_tag"]))
+    k3 = features.spec_key(features.encoder_spec(dict(enc, size=80), ["id", "hflip"], info["cache_tag"]))
+    assert len({k1, k2, k3}) == 3
+
+
+def test_tta_mean_equals_mean_of_views(prepared: Path) -> None:
+    import numpy as np
+    import torch
+
+    from lib import backbones
+
+    cfg = _cfg(prepared)
+    info, train, _ = prepare.load_dataset(cfg)
+    torch.manual_seed(0)
+    model = backbones.build_backbone("test_efficientnet", None).eval()
+    spec = {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    paths = [str(prepared / "prep/milk10k_sample" / p) for p in train["path_dermoscopic"][:5]]
+    views = features.embed_paths(model, paths, dict(spec, views=["id", "vflip"]), "cpu", 4, 0, "t", keep_views=True)
+    mean = features.embed_paths(model, paths, dict(spec, views=["id", "vflip"]), "cpu", 4, 0, "t")
+    assert views.shape[:2] == (5, 2)
+    np.testing.assert_allclose(views.mean(1), mean, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(views[:, 0], views[:, 1])
+
+
+def test_missing_features_and_empty_encoders_are_clear_errors(prepared: Path) -> None:
+    cfg = _cfg(prepared, "none")
+    with pytest.raises(PipelineError, match="not found"):
+        features.load_features(cfg, ["nothing"], "train")
+    cfg["features"]["encoders"] = []
+    with pytest.raises(PipelineError, match="empty"):
+        features.run(cfg)
