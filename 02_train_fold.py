@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Stage 02: k-fold training of image / tri-modal fusion models -> OOF + test probabilities.
 
-    python 02_train_fold.py -c configs/milk10k_sample/fusion.yaml             # every fold in train.folds
-    python 02_train_fold.py -c configs/milk10k_sample/fusion.yaml --fold 3    # one fold (own process)
+    python 02_train_fold.py -c configs/milk10k_sample/train_fusion.yaml             # every fold in train.folds
+    python 02_train_fold.py -c configs/milk10k_sample/train_fusion.yaml --fold 3    # one fold (own process)
     python 02_train_fold.py -c ... --fold 3 --resume                           # continue from checkpoint.pt
     torchrun --nproc_per_node=2 02_train_fold.py -c ... --fold 3               # one fold, data parallel
 
@@ -12,10 +12,12 @@ model.pt, summary.json); once every fold is done output/<exp>/oof.parquet, test.
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from lib.config import run_script
-from lib.train import run
+
+from lib.config import run_script  # noqa: E402
+from lib.train import run  # noqa: E402
 
 EXTRA = [
     (("--fold",), {"type": int, "default": None, "help": "train only this fold (overrides train.folds)"}),

@@ -97,7 +97,7 @@ def defaults() -> dict[str, Any]:
             "tta": ["id", "hflip"],  # views averaged; see lib/tta.py
             "keep_views": False,
             "batch_size": 32,
-            "workers": 1,            # DataLoader workers for decoding (0 = main process, -1 = cores - 1)
+            "workers": 0,            # DataLoader workers for decoding (0 = main process: fastest on 2 cores; -1 = cores - 1)
             "from_exps": [],         # trained experiments whose fold models give penultimate features
         },
         "stack": {
@@ -264,7 +264,7 @@ def cli_config(argv: list[str] | None, description: str,
     p = build_parser(description)
     for flags, kw in extra or []:
         p.add_argument(*flags, **kw)
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)  # overrides may come before or after flags
     setup_logging(ns.verbose)
     ov = list(ns.overrides)
     for flag, key in (("data", "data.root"), ("test_data", "data.test_root"),
@@ -291,7 +291,8 @@ def run_script(main_fn, argv: list[str] | None, description: str,
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; rerun the same command to continue (finished work is reused; 02 takes --resume "
+              "to continue a half-finished fold)", file=sys.stderr)
         return 130
     return 0
 

@@ -57,6 +57,8 @@ def setup(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     log.info("DDP rank %d/%d on %s (%s)", rank, world, device, backend)
+    if rank != 0:  # one copy of the progress log
+        logging.getLogger().setLevel(logging.WARNING)
     return Dist(rank, world, local, device, backend)
 
 

@@ -37,7 +37,6 @@ test averaged over folds) and cv.json (lib.report.cv_summary + training notes).
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -160,10 +159,6 @@ def fingerprint(cfg: dict) -> str:
 def fold_dir(cfg: dict, k: int, exp: str | None = None) -> Path:
     base = exp_dir(cfg) if exp is None else Path(cfg["paths"]["output"]) / exp
     return base / f"fold{k}"
-
-
-def n_images(info: dict, mcfg: dict) -> int:
-    return 1 if mcfg["kind"] == "single" else len(info["modalities"])
 
 
 def model_modalities(info: dict, mcfg: dict) -> list[str]:
@@ -295,16 +290,19 @@ class LesionDataset(Dataset):
 
 
 def _worker_init(_: int) -> None:
-    import cv2
-
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
-    cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
 
 def _loader(ds: Dataset, workers: int, gen_seed: int, **kw) -> DataLoader:
+    if workers:
+        # OpenCV's thread pool does not survive fork: a forked worker that touches it (even
+        # cv2.setNumThreads) can deadlock. Tear it down here, in the parent, before forking.
+        import cv2
+
+        cv2.setNumThreads(1)
     g = torch.Generator()
     g.manual_seed(gen_seed)
     return DataLoader(ds, num_workers=workers, worker_init_fn=_worker_init if workers else None,
@@ -426,7 +424,8 @@ def infer(fn, model: nn.Module, ds: LesionDataset, views: list[str], device: str
     Rows are sharded over ranks and gathered. The single path for validation, OOF, test, features."""
     model.eval()
     pos = D.shard(len(ds), d)
-    dl = _loader(torch.utils.data.Subset(ds, pos.tolist()), workers, 0, batch_size=batch_size, shuffle=False)
+    dl = _loader(torch.utils.data.Subset(ds, pos.tolist()), workers, 0, batch_size=batch_size, shuffle=False,
+                 pin_memory=device.startswith("cuda"))
     outs: list[np.ndarray] = []
     t0, n = time.time(), 0
     with tqdm(total=len(pos), desc=desc, unit="lesion", mininterval=2.0, disable=not d.main, leave=False) as bar:
@@ -547,7 +546,7 @@ def train_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | 
     ds_te = None if test is None or len(test) == 0 else LesionDataset(test, **common)
     sampler = D.GlobalBatchSampler(lambda e: epoch_order(y_tr, tcfg["sampler"], seed, k, e), len(tr), gb, d)
     workers = int(tcfg["workers"])
-    dl_tr = _loader(ds_tr, workers, seed_for(seed, k, 7), batch_sampler=sampler)
+    dl_tr = _loader(ds_tr, workers, seed_for(seed, k, 7), batch_sampler=sampler, pin_memory=device.startswith("cuda"))
 
     # state (fresh or resumed)
     start, history, best, bad, step = 0, [], None, 0, 0
@@ -837,6 +836,10 @@ def extract_fold_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, 
                       size=spec["size"], mean=spec["mean"], std=spec["std"])
         rows = np.flatnonzero(train["fold"].to_numpy() == k)
         va = train.iloc[rows].reset_index(drop=True)
+        held = pd.read_parquet(fold_dir(cfg, exp=exp, k=k) / "oof.parquet", columns=[ID])
+        if set(held[ID]) != set(va[ID]):  # the fold model must not have trained on these rows
+            raise PipelineError(f"{exp} fold {k} was validated on other lesions than this data's fold {k} "
+                                "(different prep/folds): its features would leak; retrain or use the same prep")
         f = infer(model.features, model, LesionDataset(va, **common), views, device, bs, workers, None,
                   False, d, desc=f"{exp} fold {k} features")
         if feats is None:

@@ -108,7 +108,7 @@ def test_scientific_value_in_yaml_file_is_a_float(tmp_path):
 def test_encoder_items_filled_from_item_schema():
     cfg = C.load_config(None, ["features.encoders=[{name: a, arch: resnet18}]"])
     assert cfg["features"]["encoders"] == [{"name": "a", "arch": "resnet18", "weights": None, "size": None,
-                                            "hub": False}]
+                                            "hub": False, "tta": None}]
 
 
 def test_encoder_item_unknown_key(tmp_path):

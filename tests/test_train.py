@@ -174,6 +174,28 @@ def test_torchrun_ddp_matches_one_process(prep, tmp_path):
     np.testing.assert_allclose(la, lb, rtol=1e-4)
 
 
+def test_gradient_accumulation_equals_bigger_batch(prep, tmp_path):
+    """2 x 16 accumulated == 32 in one micro-batch (same rows; BN frozen, no in-model dropout)."""
+    extra = ["train.model.kind=single", "train.bn=frozen", "train.model.dropout=0", "train.model.drop_path=0",
+             "train.epochs=1"]
+    T.run(tiny(prep, tmp_path, "t_b32", *extra), fold=1)
+    T.run(tiny(prep, tmp_path, "t_acc", *extra, "train.batch_size=16", "train.accum=2"), fold=1)
+    wa, wb = weights(tmp_path / "t_b32/fold1/model.pt"), weights(tmp_path / "t_acc/fold1/model.pt")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_amp_modes():
+    assert T.amp_setup("auto", "cpu") == (None, False)
+    assert T.amp_setup("auto", "cuda") == (torch.float16, True)
+    assert T.amp_setup("bf16", "cpu") == (torch.bfloat16, False)
+    assert T.amp_setup("off", "cuda") == (None, False)
+    with pytest.raises(PipelineError, match="fp16 needs CUDA"):
+        T.amp_setup("fp16", "cpu")
+    with pytest.raises(PipelineError, match="unknown"):
+        T.amp_setup("fp8", "cpu")
+
+
 # ------------------------------------------------------------------ pieces
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training throughput of the real stage-02 path vs an in-memory ceiling, and the speed levers.
 
-    python tools/bench_train.py -c configs/milk10k_sample/fusion.yaml            # full table
-    python tools/bench_train.py -c configs/milk10k_sample/fusion.yaml --quick    # smoke (few steps)
+    python tools/bench_train.py -c configs/milk10k_sample/train_fusion.yaml            # full table
+    python tools/bench_train.py -c configs/milk10k_sample/train_fusion.yaml --quick    # smoke (few steps)
 
 "real": cached JPEGs from disk -> LesionDataset (decode + augmentation) -> DataLoader -> model ->
 loss -> backward -> AdamW (+ clipping), exactly the objects lib.train uses. "synthetic": the same
@@ -12,6 +12,8 @@ every image (a fusion lesion = 2 images). Model: `train.model` of the config wit
 (channels_last on, amp off, no compile, default threads, `train.workers` workers):
 channels_last off, bf16 autocast, torch.compile, torch threads 1/2, DataLoader workers 0/1/2.
 Prints a markdown table (and writes it to --out if given). Run it on an idle machine.
+Like 02_train_fold.py it defaults OMP_WAIT_POLICY to PASSIVE; compare with
+`OMP_WAIT_POLICY=ACTIVE python tools/bench_train.py ...` (libgomp's busy-wait default).
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as 02_train_fold.py; before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -118,7 +122,7 @@ def measure(cfg: dict, size: int, mode: str, steps: int, warmup: int, channels_l
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", default="configs/milk10k_sample/fusion.yaml")
+    p.add_argument("-c", "--config", default="configs/milk10k_sample/train_fusion.yaml")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 160])
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per case")
     p.add_argument("--warmup", type=int, default=3)
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"Training throughput, {arch} ({cfg['train']['model']['kind']}"
             f"{'/' + cfg['train']['model']['fusion'] if cfg['train']['model']['kind'] == 'fusion' else ''}), "
             f"batch {cfg['train']['batch_size']}, {a.steps} timed steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"load {os.getloadavg()[0]:.1f}\n\n")
+            f"load {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}\n\n")
     table = ["| case | px | input | channels_last | amp | compile | threads | workers | img/s | % of ceiling |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for case, size, mode, cl, amp, comp, th, w, ips in rows:
