@@ -26,7 +26,7 @@ from lib.tta import apply_view, parse_views
 log = logging.getLogger(__name__)
 
 
-def encoder_spec(enc: dict, views: list[str], cache_tag: str) -> dict:
+def encoder_spec(enc: dict, views: list[str], cache_tag: str, keep_views: bool = False) -> dict:
     """Everything that determines an encoder's embeddings (its cache key)."""
     pre = backbones.preprocess_spec(enc["arch"], enc["weights"])
     size = int(enc["size"] or pre["size"])
@@ -35,6 +35,8 @@ def encoder_spec(enc: dict, views: list[str], cache_tag: str) -> dict:
             "views": views, "image_cache": cache_tag}
     if pre.get("resize_mode") == "squash":  # default (short side + center crop) is left out of the key
         spec["resize_mode"] = "squash"
+    if keep_views:  # one column block per view instead of the view average
+        spec["keep_views"] = True
     return spec
 
 
@@ -70,7 +72,7 @@ def embed_paths(model: torch.nn.Module, paths: list[str], spec: dict, device: st
 def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
     """Embeddings of one encoder for each split, from the shared cache or computed (and cached)."""
     views = parse_views(enc.get("tta") or cfg["features"]["tta"])
-    spec = encoder_spec(enc, views, info["cache_tag"])
+    spec = encoder_spec(enc, views, info["cache_tag"], bool(cfg["features"]["keep_views"]))
     folder = prep_dir(cfg) / "features" / f"{enc['name']}-{spec_key(spec)}"
     device = torch_device(cfg)
     model = None
@@ -91,10 +93,13 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
         t0 = time.time()
         for m in info["modalities"]:
             files = [str(prep_dir(cfg) / p) for p in df[f"path_{m}"]]
+            keep = bool(cfg["features"]["keep_views"])
             e = embed_paths(model, files, spec, device, cfg["features"]["batch_size"],
-                            _workers(cfg), f"{enc['name']} {split} {m}")
-            for j, c in enumerate(emb_columns(enc["name"], m, e.shape[1])):
-                cols[c] = e[:, j]
+                            _workers(cfg), f"{enc['name']} {split} {m}", keep_views=keep)
+            per_view = [(f"{m}_{v}", e[:, i]) for i, v in enumerate(views)] if keep else [(m, e)]
+            for tag, arr in per_view:
+                for j, c in enumerate(emb_columns(enc["name"], tag, arr.shape[1])):
+                    cols[c] = arr[:, j]
         n_img = len(df) * len(info["modalities"])
         dt = time.time() - t0
         out = pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1)

@@ -127,8 +127,8 @@ def run(cfg: dict) -> dict:
         weights_info = {"pooled": list(map(float, opt["pooled"])), "fold_avg": list(map(float, opt["fold_avg"])),
                         "score_pooled": float(opt["score_pooled"]), "score_fold_avg": float(opt["score_fold_avg"]),
                         "per_fold": pd.DataFrame(opt["per_fold"]).to_dict(orient="records")}
-        log.info("blend weights (fold-averaged, used) %s; pooled-tuned %s", dict(zip(names, w.round(3))),
-                 dict(zip(names, np.round(opt["pooled"], 3))))
+        log.info("blend weights (fold-averaged, used) %s; pooled-tuned %s", dict(zip(names, w.round(3).tolist())),
+                 dict(zip(names, np.round(opt["pooled"], 3).tolist())))
     else:
         w = np.ones(len(members))
     w = w / w.sum()

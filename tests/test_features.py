@@ -95,3 +95,15 @@ def test_missing_features_and_empty_encoders_are_clear_errors(prepared: Path) ->
     cfg["features"]["encoders"] = []
     with pytest.raises(PipelineError, match="empty"):
         features.run(cfg)
+
+
+def test_keep_views_writes_one_block_per_view(prepared: Path) -> None:
+    cfg = _cfg(prepared, "kv")
+    cfg["features"]["keep_views"] = True
+    cfg["features"]["tta"] = ["id", "vflip"]
+    features.run(cfg)
+    tr = pd.read_parquet(prepared / "kv/features/tiny_train.parquet")
+    a = [c for c in tr.columns if c.startswith("emb_tiny_dermoscopic_id_")]
+    b = [c for c in tr.columns if c.startswith("emb_tiny_dermoscopic_vflip_")]
+    assert len(a) == len(b) > 0
+    assert not (tr[a].to_numpy() == tr[b].to_numpy()).all()
