@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             res["official"] = {k: v for k, v in off.items() if isinstance(v, float)}
         except PipelineError as e:  # the official scorer cannot score a class with no positives
             res["official_error"] = str(e)
+        except ImportError:
+            res["official_error"] = "isic-challenge-scoring not installed (pip install -r requirements-dev.txt)"
     except (PipelineError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
