@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from xgboost import XGBClassifier
 
 from lib.errors import PipelineError
+from lib.io import ID, assert_unique_ids
 
 log = logging.getLogger(__name__)
 
-ID = "lesion_id"
 HEADS = ("xgb", "lgbm", "lr")
 TREE_HEADS = ("xgb", "lgbm")
 _LGBM_EVAL_XY = "eval_X" in inspect.signature(LGBMClassifier.fit).parameters  # lightgbm >= 4.6
@@ -109,18 +109,10 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
-def _assert_unique_ids(df: pd.DataFrame, what: str) -> None:
-    if ID not in df.columns:
-        raise PipelineError(f"{what}: no '{ID}' column")
-    dup = df[ID][df[ID].duplicated()]
-    if len(dup):
-        raise PipelineError(f"{what}: duplicate {ID} {sorted(dup.astype(str).unique())[:5]}")
-
-
 def _check_inputs(train: pd.DataFrame, test: pd.DataFrame | None, blocks: dict[str, list[str]],
                   classes: list[str], cfg: dict) -> tuple[list[str], list[str]]:
     """Validate everything; return (feature columns, names of PCA blocks)."""
-    _assert_unique_ids(train, "stack train")
+    assert_unique_ids(train, "stack train")
     ycols = [f"y_{c}" for c in classes]
     missing = [c for c in ["fold", *ycols] if c not in train.columns]
     if missing:
@@ -158,7 +150,7 @@ def _check_inputs(train: pd.DataFrame, test: pd.DataFrame | None, blocks: dict[s
         if nonnum:
             raise PipelineError(f"stack {what}: non-numeric feature columns {nonnum[:5]}")
     if test is not None:
-        _assert_unique_ids(test, "stack test")
+        assert_unique_ids(test, "stack test")
         both = set(train[ID].astype(str)) & set(test[ID].astype(str))
         if both:
             log.warning("stack: %d lesion_ids are in both train and test, e.g. %s", len(both), sorted(both)[:3])
@@ -416,7 +408,7 @@ def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame 
                  ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, list[str]]]:
     """Join embeddings, MONET, metadata and members' OOF probabilities on lesion_id (asserted)."""
     from lib.features import load_features
-    from lib.io import merge_on_id
+    from lib.io import merge_on_id  # noqa: F811
     from lib.submission import load_member
 
     s = cfg["stack"]
