@@ -113,7 +113,8 @@ def defaults() -> dict[str, Any]:
             "members": [],
             "blend": "prob",         # prob | rank
             "optimize_weights": True,
-            "decision": "auto",      # auto | thresholds | argmax (auto: better OOF)
+            "blend_metric": "auto",  # OOF metric the weights maximize; auto: pauc (binary) else macro_dice_tuned
+            "decision": "auto",      # auto | thresholds | argmax | raw (auto: better OOF; binary: raw; multilabel: thresholds)
             "logit_adjust_tau": 0.0,
             "report": True,
         },

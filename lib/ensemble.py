@@ -213,14 +213,16 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 def blend_metric(name: str | Metric, **tune_kw: float) -> Metric:
     """A higher-is-better ``f(Y, P)``: macro_dice_tuned (thresholds tuned on the same rows),
-    macro_dice (at 0.5), macro_auc, balanced_accuracy, macro_f1_argmax, neg_log_loss (a smooth
-    proxy for probability blends), or a callable returned unchanged."""
+    macro_dice (at 0.5), macro_auc, balanced_accuracy, macro_f1_argmax, pauc (first column, partial
+    AUC above 80% TPR: ISIC 2024), neg_log_loss (a smooth proxy for probability blends), or a
+    callable returned unchanged."""
     if callable(name):
         return name
     table: dict[str, Metric] = {
         "macro_dice_tuned": lambda Y, P: M.macro_dice(Y, P, tune_thresholds(Y, P, **tune_kw)),
         "macro_dice": M.macro_dice, "macro_auc": M.macro_auc,
         "balanced_accuracy": M.balanced_accuracy, "macro_f1_argmax": M.macro_f1_argmax,
+        "pauc": lambda Y, P: M.partial_auc(Y[:, 0], P[:, 0]),
         "neg_log_loss": lambda Y, P: -log_loss(Y.argmax(axis=1), np.clip(P, 1e-7, 1)
                                                / np.clip(P, 1e-7, 1).sum(axis=1, keepdims=True),
                                                labels=list(range(P.shape[1]))),

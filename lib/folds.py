@@ -14,13 +14,16 @@ log = logging.getLogger(__name__)
 
 
 def strat_key(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """The stratification target: the label index, or for multi-label rows the rarest positive class."""
+    """The stratification target: the label index, for multi-label rows the rarest positive class,
+    and `len(classes)` for rows without any positive (binary negatives, multi-label "none")."""
     y = df[[f"y_{c}" for c in classes]].to_numpy()
+    none = y.sum(1) <= 0
     if (y.sum(1) <= 1).all():
-        return y.argmax(1)
-    freq = y.sum(0)
-    rarity = np.where(y > 0, freq[None, :], np.inf)
-    return rarity.argmin(1)
+        key = y.argmax(1)
+    else:
+        freq = y.sum(0)
+        key = np.where(y > 0, freq[None, :], np.inf).argmin(1)
+    return np.where(none, len(classes), key)
 
 
 def make_folds(df: pd.DataFrame, classes: list[str], n_splits: int, seed: int,

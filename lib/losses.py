@@ -94,9 +94,9 @@ class Loss(nn.Module):
         name = lcfg["name"]
         if name not in LOSSES:
             raise PipelineError(f"config: train.loss.name '{name}' unknown (known: {list(LOSSES)})")
-        self.multiclass = task != "multilabel"
+        self.multiclass = task == "multiclass"
         if not self.multiclass and name not in ONE_VS_REST + ("soft_f1",):
-            raise PipelineError(f"config: train.loss.name '{name}' is a softmax loss; a multilabel task "
+            raise PipelineError(f"config: train.loss.name '{name}' is a softmax loss; a {task} task (sigmoid outputs) "
                                 f"needs one of {list(ONE_VS_REST) + ['soft_f1']}")
         self.name, self.cfg = name, dict(lcfg)
         self.smoothing = float(lcfg["smoothing"])

@@ -42,7 +42,14 @@ def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task:
         "per_class_dice_tuned": dict(zip(classes, map(float, M.dice_per_class(Y, P, t)))),
         "per_fold": sp["per_fold"].to_dict(orient="records"),
     }
-    if task != "multilabel":
+    if task == "binary":
+        out["auc"] = float(M.macro_auc(Y, P)) if 0 < Y.sum() < len(Y) else float("nan")
+        out["pauc_80"] = float(M.partial_auc(Y[:, 0], P[:, 0]))
+        out["per_fold_pauc_80"] = [float(M.partial_auc(Y[folds == k, 0], P[folds == k, 0])) for k in np.unique(folds)]
+    if task == "multilabel":
+        out["top1_accuracy"] = float(M.topk_accuracy(Y, P, 1))
+        out["top3_accuracy"] = float(M.topk_accuracy(Y, P, min(3, len(classes))))
+    if task == "multiclass":
         out["macro_f1_argmax"] = float(M.macro_f1_argmax(Y, P))
         out["balanced_accuracy"] = float(M.balanced_accuracy(Y, P))
         hot = ensemble.argmax_decisions(P)
@@ -57,6 +64,15 @@ def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task:
 
 
 def log_cv(name: str, cv: dict) -> None:
+    if cv.get("task") == "binary":
+        log.info("%s OOF: AUC %.4f | pAUC above 80%% TPR %.4f (max 0.2) | Dice tuned honest-CV %.4f",
+                 name, cv.get("auc", float("nan")), cv["pauc_80"], cv["macro_dice_tuned_cv"])
+        return
+    if cv.get("task") == "multilabel":
+        log.info("%s OOF: macro F1 @0.5 %.4f | tuned pooled %.4f | tuned honest-CV %.4f | top-1 %.4f | top-3 %.4f",
+                 name, cv["macro_dice_05"], cv["macro_dice_tuned_pooled"], cv["macro_dice_tuned_cv"],
+                 cv["top1_accuracy"], cv["top3_accuracy"])
+        return
     log.info("%s OOF: macro F1 argmax %.4f | Dice@0.5 %.4f | tuned pooled %.4f | tuned honest-CV %.4f",
              name, cv.get("macro_f1_argmax", float("nan")), cv["macro_dice_05"],
              cv["macro_dice_tuned_pooled"], cv["macro_dice_tuned_cv"])
@@ -64,7 +80,7 @@ def log_cv(name: str, cv: dict) -> None:
 
 # ----------------------------------------------------------------------------- report.md + PNGs
 
-DECISIONS = ("argmax", "thresholds")
+DECISIONS = ("argmax", "thresholds", "raw")
 HEADLINE = {  # cv key -> label, in report order
     "macro_f1_argmax": "Macro F1 at argmax",
     "macro_dice_05": "Macro Dice at 0.5",
@@ -72,6 +88,10 @@ HEADLINE = {  # cv key -> label, in report order
     "macro_dice_tuned_cv": "Macro Dice, tuned thresholds, honest CV",
     "balanced_accuracy": "Balanced accuracy",
     "macro_auc": "Macro AUC",
+    "auc": "AUC",
+    "pauc_80": "Partial AUC above 80% TPR (ISIC 2024 metric, max 0.2)",
+    "top1_accuracy": "Top-1 accuracy (top class is a true label)",
+    "top3_accuracy": "Top-3 accuracy",
 }
 MEMBER_METRICS = ("macro_f1_argmax", "macro_dice_tuned_cv", "macro_auc")
 NOTE = (
@@ -179,7 +199,8 @@ def _fig_f1(Fig: Callable, f1_arg: np.ndarray, dice_t: np.ndarray, support: np.n
     k, x = len(classes), np.arange(len(classes))
     fig = Fig(figsize=(max(6.0, 0.8 * k + 2), 4))
     ax = fig.subplots()
-    ax.bar(x - 0.2, f1_arg, 0.4, label=f"argmax (macro {f1_arg.mean():.3f})")
+    if np.isfinite(f1_arg).any():
+        ax.bar(x - 0.2, f1_arg, 0.4, label=f"argmax (macro {f1_arg.mean():.3f})")
     ax.bar(x + 0.2, dice_t, 0.4, label=f"tuned thresholds (macro {dice_t.mean():.3f})")
     ax.set_xticks(x, [f"{c}\n(n={n})" for c, n in zip(classes, support)], fontsize=8)
     ax.set_ylim(0, 1.05)
@@ -278,12 +299,12 @@ def _fig_cv_spread(Fig: Callable, pf: pd.DataFrame) -> Any:
 
 def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], cv: dict,
                  thresholds: dict[str, float], decision: str, members: list[dict],
-                 histories: dict[str, pd.DataFrame] | None, title: str) -> Path:
+                 histories: dict[str, pd.DataFrame] | None, title: str, task: str = "multiclass") -> Path:
     """Write ``folder/report.md`` and its PNGs in ``folder/report/``; returns the report path.
 
     ``cv`` is a ``cv_summary`` dict; ``thresholds`` the tuned per-class thresholds (empty: those in
     ``cv``); ``decision`` 'argmax' or 'thresholds' (the rule used for the submission);
-    ``members`` dicts with ``exp``, ``weight`` and optionally metrics (top level or under ``cv``);
+    (or 'raw': blended probabilities as they are, binary tasks); ``members`` dicts with ``exp``, ``weight`` and optionally metrics (top level or under ``cv``);
     ``histories`` ``{"<exp>/foldK": DataFrame(epoch, train_loss, val_loss, val_macro_f1, lr)}``
     (any column may be missing; empty or None: no training-curves figure). Figures use
     matplotlib's Agg canvas directly (no pyplot state); every file is written atomically and
@@ -298,13 +319,16 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     Y, P, _ = oof_arrays(train, oof, classes)
     t = _resolve_thresholds(thresholds, cv, classes, Y, P)
     support = (Y > 0.5).sum(axis=0).astype(int)
-    f1_arg = M.dice_per_class(Y, ensemble.argmax_decisions(P))
+    single_label = task == "multiclass"
+    f1_arg = (M.dice_per_class(Y, ensemble.argmax_decisions(P)) if single_label
+              else np.full(len(classes), np.nan))  # argmax is a single-label rule
     dice_05 = M.dice_per_class(Y, P)
     dice_t = M.dice_per_class(Y, P, t)
     lab = decide_labels(P, t if decision == "thresholds" else None)
     pf = _per_fold_table(cv)
 
-    figs = {"confusion.png": ("OOF confusion matrix", lambda: _fig_confusion(Figure, Y, lab, classes, decision)),
+    figs = {"confusion.png": ("OOF confusion matrix", lambda: _fig_confusion(Figure, Y, lab, classes, decision)
+                              if single_label else None),
             "f1_per_class.png": ("Per-class F1", lambda: _fig_f1(Figure, f1_arg, dice_t, support, classes)),
             "threshold_curves.png": ("Dice vs threshold (red: chosen, dotted: 0.5)",
                                      lambda: _fig_thresholds(Figure, Y, P, t, classes)),
@@ -324,8 +348,10 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
              "## Headline (OOF)", "",
              _md_table(["metric", "value"], [[lbl, float(cv[k])] for k, lbl in HEADLINE.items() if k in cv]),
              "", "## Decision and thresholds", "",
-             f"Decision used: **{decision}**" + (" (single label = argmax of p)" if decision == "argmax"
-                                                 else " (per-class p > t, baked to 0.5 in the submission)"),
+             f"Decision used: **{decision}**" + {
+                "argmax": " (single label = argmax of p)",
+                "thresholds": " (per-class p > t, baked to 0.5 in the submission)",
+                "raw": " (blended probabilities submitted as they are: the metric ranks them)"}[decision],
              "", _md_table(["class", "threshold"], [[c, float(x)] for c, x in zip(classes, t)]),
              "", "## Members", ""]
     if members:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from xgboost import XGBClassifier
 
 from lib.errors import PipelineError
-from lib.io import ID, assert_unique_ids
+from lib.io import ID, assert_same_ids, assert_unique_ids, merge_on_id
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "pca_blocks": "auto",        # "auto" = blocks whose name starts with "emb"; or a list of names
     "seeds": [0],                # tree heads are refitted per seed and averaged
     "imbalance": "balanced",     # balanced (scale_pos_weight / is_unbalance) | none
-    "renorm": True,              # True: multiclass (rows sum to 1); False: multilabel
+    "renorm": True,              # multiclass rows sum to 1 (always off for multilabel / binary tasks)
+    "patient_features": False,   # ISIC 2024 style: numeric metadata and member OOF scores relative to
+                                 # the other rows of the same group (patient), see lib.features
     "xgb": {
         "n_estimators": 1000, "learning_rate": 0.05, "max_depth": 4, "subsample": 0.8,
         "colsample_bytree": 0.5, "min_child_weight": 1.0, "reg_lambda": 1.0,
@@ -408,7 +410,6 @@ def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame 
                  ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, list[str]]]:
     """Join embeddings, MONET, metadata and members' OOF probabilities on lesion_id (asserted)."""
     from lib.features import load_features
-    from lib.io import merge_on_id  # noqa: F811
     from lib.submission import load_member
 
     s = cfg["stack"]
@@ -446,9 +447,46 @@ def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame 
         if te is not None:
             te = merge_on_id(te, pte.rename(columns=ren), f"test predictions of {exp}")
         blocks[f"oof_{exp}"] = list(ren.values())
+    if s["patient_features"]:
+        tr, te, blocks["patient"] = _add_patient_features(cfg, info, train, test, tr, te, blocks)
     if not blocks:
         raise PipelineError("stack: no inputs (set stack.features, stack.oof_exps, use_monet or use_meta)")
     return tr, te, blocks
+
+
+def _add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
+                          tr: pd.DataFrame, te: pd.DataFrame | None, blocks: dict[str, list[str]]
+                          ) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
+    """Patient-relative copies of the numeric metadata and of the members' OOF scores.
+
+    Needs a group column (`group`: ISIC 2024 patient_id) and folds grouped by it, so each
+    patient's rows sit in one fold: a row's statistics then come from rows predicted by the same
+    fold model (OOF columns) and never from another fold's labels. Test rows use test rows only."""
+    from lib.features import patient_relative
+    from lib.io import read_json
+    from lib.prepare import prep_dir
+
+    if "group" not in train.columns or info.get("group") != "group":
+        raise PipelineError("stack.patient_features needs a patient column and folds grouped by it "
+                            "(ISIC 2024 patient_id; data.format isic2024, or data.generic.group_col)")
+    enc = read_json(prep_dir(cfg) / "meta_encoders.json")
+    cols = [f"meta_{c}" for c in enc["num"] if f"meta_{c}" in tr.columns]
+    cols += [c for name, b in blocks.items() if name.startswith("oof_") for c in b]
+    if not cols:
+        raise PipelineError("stack.patient_features: no numeric metadata or member OOF columns to relate")
+    out = []
+    for df, src in ((tr, train), (te, test)):
+        if df is None:
+            out.append(None)
+            continue
+        assert_same_ids(df, src, "patient features: rows vs lesion table")
+        groups = src.set_index(ID).loc[df[ID].to_numpy(), "group"].astype(str).to_numpy()
+        rel = patient_relative(df[cols].reset_index(drop=True), groups)
+        rel.insert(0, ID, df[ID].to_numpy())
+        out.append(merge_on_id(df, rel, "patient-relative features"))
+    new = [c for c in out[0].columns if c not in tr.columns]
+    log.info("patient-relative features: %d columns from %d inputs", len(new), len(cols))
+    return out[0], out[1], new
 
 
 def run(cfg: dict) -> dict:
@@ -464,7 +502,7 @@ def run(cfg: dict) -> dict:
     tr, te, blocks = build_inputs(cfg, info, train, test)
     s = cfg["stack"]
     model_cfg = {k: s[k] for k in DEFAULTS}
-    model_cfg["renorm"] = info["task"] != "multilabel" and s["renorm"]
+    model_cfg["renorm"] = info["task"] == "multiclass" and s["renorm"]
     res = fit_predict_stack(tr, te, blocks, classes, model_cfg)
     out = exp_dir(cfg)
     write_parquet(res.oof, out / "oof.parquet")

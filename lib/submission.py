@@ -75,6 +75,26 @@ def write_submission(sub: pd.DataFrame, test_ids: list[str], path: str | Path) -
 
 
 # --------------------------------------------------------------------------- stage 05
+DECISIONS = ("auto", "thresholds", "argmax", "raw")
+
+
+def choose_decision(asked: str, task: str, cv: dict) -> str:
+    """The submission rule. `auto`: binary -> raw probabilities (the ISIC 2024 metric ranks them);
+    multilabel -> per-class thresholds; multiclass -> the better OOF of argmax and tuned thresholds
+    (honest CV). `argmax` is a single-label rule: refused for multilabel and binary tasks."""
+    if asked not in DECISIONS:
+        raise PipelineError(f"config: submit.decision '{asked}' unknown (one of {DECISIONS})")
+    if asked == "argmax" and task != "multiclass":
+        raise PipelineError(f"config: submit.decision 'argmax' needs a multiclass task; this one is {task}")
+    if asked != "auto":
+        return asked
+    if task == "binary":
+        return "raw"
+    if task == "multilabel":
+        return "thresholds"
+    return "thresholds" if cv["macro_dice_tuned_cv"] >= cv.get("macro_f1_argmax", -1.0) else "argmax"
+
+
 def load_member(cfg: dict, exp: str, train: pd.DataFrame, test: pd.DataFrame | None,
                 classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """A member's OOF and test probabilities, rows in train/test order, ids asserted."""
@@ -121,10 +141,12 @@ def run(cfg: dict) -> dict:
     elif all(x is not None for x in fixed):
         w = np.asarray(fixed, float)
     elif s["optimize_weights"]:
-        opt = ensemble.optimize_blend_weights(oofs, train, metric="macro_dice_tuned", per_fold=True,
-                                              method=s["blend"])
+        metric = s["blend_metric"] if s["blend_metric"] != "auto" else (
+            "pauc" if task == "binary" else "macro_dice_tuned")
+        opt = ensemble.optimize_blend_weights(oofs, train, metric=metric, per_fold=True, method=s["blend"])
         w = np.asarray(opt["fold_avg"], float)
-        weights_info = {"pooled": list(map(float, opt["pooled"])), "fold_avg": list(map(float, opt["fold_avg"])),
+        weights_info = {"metric": metric, "pooled": list(map(float, opt["pooled"])),
+                        "fold_avg": list(map(float, opt["fold_avg"])),
                         "score_pooled": float(opt["score_pooled"]), "score_fold_avg": float(opt["score_fold_avg"]),
                         "per_fold": pd.DataFrame(opt["per_fold"]).to_dict(orient="records")}
         log.info("blend weights (fold-averaged, used) %s; pooled-tuned %s", dict(zip(names, w.round(3).tolist())),
@@ -140,22 +162,27 @@ def run(cfg: dict) -> dict:
         if te is not None:
             te[classes] = ensemble.logit_adjust(te[classes].to_numpy(), priors, s["logit_adjust_tau"])
     cv = R.cv_summary(train, oof, classes, task)
-    decision = s["decision"]
-    if decision == "auto":
-        argmax_score = cv.get("macro_f1_argmax", -1.0)
-        decision = "thresholds" if cv["macro_dice_tuned_cv"] >= argmax_score else "argmax"
+    decision = choose_decision(s["decision"], task, cv)
     thr = np.array([cv["thresholds"][c] for c in classes])
-    log.info("decision: %s (OOF macro F1 argmax %.4f vs tuned thresholds honest-CV %.4f)", decision,
-             cv.get("macro_f1_argmax", float("nan")), cv["macro_dice_tuned_cv"])
+    if task == "multiclass":
+        log.info("decision: %s (OOF macro F1 argmax %.4f vs tuned thresholds honest-CV %.4f)", decision,
+                 cv["macro_f1_argmax"], cv["macro_dice_tuned_cv"])
+    else:
+        log.info("decision: %s (%s task; OOF %s)", decision, task,
+                 f"pAUC {cv['pauc_80']:.4f}" if task == "binary" else f"macro F1 tuned honest-CV {cv['macro_dice_tuned_cv']:.4f}")
+    expected = {"thresholds": cv["macro_dice_tuned_cv"], "argmax": cv.get("macro_f1_argmax"),
+                "raw": cv.get("pauc_80", cv["macro_dice_05"])}[decision]
     summary = {"members": [{"exp": n, "weight": float(x)} for n, x in zip(names, w)], "weights": weights_info,
-               "decision": decision, "cv": cv,
-               "expected_score": cv["macro_dice_tuned_cv"] if decision == "thresholds" else cv.get("macro_f1_argmax")}
+               "decision": decision, "cv": cv, "expected_score": expected}
     write_parquet(oof, out / "oof.parquet")
     if te is not None:
         write_parquet(te, out / "test_blend.parquet")
         final = te.copy()
         P = te[classes].to_numpy(float)
-        final[classes] = ensemble.remap_to_threshold(P, thr) if decision == "thresholds" else ensemble.argmax_remap(P)
+        if decision == "thresholds":
+            final[classes] = ensemble.remap_to_threshold(P, thr)
+        elif decision == "argmax":
+            final[classes] = ensemble.argmax_remap(P)
         sub = build_submission(final, classes, info["format"], task)
         write_submission(sub, test[ID].astype(str).tolist(), out / "submission.csv")
         log.info("wrote %s (%d rows)", out / "submission.csv", len(sub))
@@ -168,5 +195,6 @@ def run(cfg: dict) -> dict:
     save_config(cfg, out)
     if s["report"]:
         R.write_report(out, train, oof, classes, cv, cv["thresholds"], decision, summary["members"],
-                       R.load_histories(exp_dir(cfg).parent, names), title=f"{cfg['exp']}: submission report")
+                       R.load_histories(exp_dir(cfg).parent, names), title=f"{cfg['exp']}: submission report",
+                       task=task)
     return summary

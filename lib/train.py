@@ -31,7 +31,7 @@ Artifacts in `<output>/<exp>/fold{k}/`: checkpoint.pt (every epoch, atomic; dele
 unless `keep_checkpoint`), history.csv, oof.parquet (lesion_id + one logit column per class, the
 fold's rows), test_logits.parquet, model.pt (the OOF weights + what is needed to rebuild the model),
 config.yaml, summary.json (marks the fold done). When every fold is done: `<output>/<exp>/oof.parquet`
-and `test.parquet` (probabilities: softmax, or sigmoid for multilabel, of the TTA-averaged logits;
+and `test.parquet` (probabilities: softmax, or sigmoid for multilabel / binary, of the TTA-averaged logits;
 test averaged over folds) and cv.json (lib.report.cv_summary + training notes).
 """
 from __future__ import annotations
@@ -191,14 +191,14 @@ def autocast(device: str, dtype: torch.dtype | None):
 
 def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
     z = torch.tensor(np.asarray(logits, dtype=np.float64))
-    return (torch.sigmoid(z) if task == "multilabel" else torch.softmax(z, 1)).numpy()
+    return (torch.softmax(z, 1) if task == "multiclass" else torch.sigmoid(z)).numpy()
 
 
 def f1_scores(y: np.ndarray, logits: np.ndarray, task: str) -> tuple[float, np.ndarray]:
-    """(macro F1, per-class F1) of argmax decisions (multiclass) or sigmoid > 0.5 (multilabel)."""
+    """(macro F1, per-class F1) of argmax decisions (multiclass) or sigmoid > 0.5 (multilabel, binary)."""
     from lib import metrics as M
 
-    if task == "multilabel":
+    if task != "multiclass":
         hot = (probabilities(logits, task) > 0.5).astype(float)
     else:
         hot = M.to_onehot(np.asarray(logits).argmax(1), logits.shape[1])
@@ -327,8 +327,9 @@ def epoch_order(y: np.ndarray, sampler: dict, seed: int, fold: int, epoch: int) 
     if sampler["kind"] == "weighted":
         from lib.losses import class_weights
 
-        w = (y * class_weights(y, sampler["power"])[None, :]).max(1)
-        w = np.where(w > 0, w, w[w > 0].min() if (w > 0).any() else 1.0)
+        none = np.asarray(y).max(1) <= 0  # binary / multilabel rows without a positive: their own "class"
+        ext = np.concatenate([y, none[:, None]], 1) if none.any() else np.asarray(y)
+        w = (ext * class_weights(ext, sampler["power"])[None, :]).max(1)
         return torch.multinomial(torch.from_numpy(w).double(), n, replacement=True, generator=g).numpy()
     if sampler["kind"] != "none":
         raise PipelineError(f"config: train.sampler.kind '{sampler['kind']}' unknown (none | weighted)")

@@ -107,3 +107,25 @@ def test_keep_views_writes_one_block_per_view(prepared: Path) -> None:
     b = [c for c in tr.columns if c.startswith("emb_tiny_dermoscopic_vflip_")]
     assert len(a) == len(b) > 0
     assert not (tr[a].to_numpy() == tr[b].to_numpy()).all()
+
+
+def test_patient_relative_by_hand_and_per_patient_only() -> None:
+    import numpy as np
+
+    x = pd.DataFrame({"a": [1.0, 2.0, 3.0, 10.0, np.nan], "b": [0.0, 0.0, 0.0, 1.0, 2.0]})
+    g = np.array(["p", "p", "p", "q", "q"])
+    r = features.patient_relative(x, g)
+    np.testing.assert_allclose(r["pat_diff_a"][:4], [-1, 0, 1, 0])
+    np.testing.assert_allclose(r["pat_z_a"][:3], [-1.224745, 0, 1.224745], atol=1e-5)
+    assert np.isnan(r["pat_z_a"][4]) and r["pat_z_b"][:3].tolist() == [0, 0, 0]  # no spread -> 0
+    np.testing.assert_allclose(r["pat_z_b"][3:], [-1, 1])
+    np.testing.assert_allclose(r["pat_rank_a"][:3], [1 / 3, 2 / 3, 1], atol=1e-6)
+    assert r["pat_count"].tolist() == [3, 3, 3, 2, 2]
+    # another patient's values never enter this patient's features
+    x2 = x.copy()
+    x2.loc[3:, "a"] = [1e6, -5.0]
+    r2 = features.patient_relative(x2, g)
+    pd.testing.assert_frame_equal(r.iloc[:3], r2.iloc[:3])
+    with pytest.raises(PipelineError, match="group ids"):
+        features.patient_relative(x, g[:3])
+

@@ -113,6 +113,22 @@ def test_multilabel_stratifies_on_rarest_positive():
     assert F.strat_key(one_hot, ["X", "Y"]).tolist() == [1, 0]
 
 
+def test_binary_negatives_are_their_own_stratum():
+    """Binary (one column) and multi-label rows without a positive get key len(classes), so folds
+    are stratified on positives vs negatives (a key of 0 for everyone would not stratify)."""
+    df = pd.DataFrame({"lesion_id": list("abcd"), "y_malignant": [0.0, 1.0, 0.0, 0.0]})
+    assert F.strat_key(df, ["malignant"]).tolist() == [1, 0, 1, 1]
+    rng = np.random.default_rng(1)
+    n = 400
+    y = (rng.random(n) < 0.05).astype(float)
+    groups = [f"P{i // 3}" for i in range(n)]  # 3 lesions per patient
+    df = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(n)], "y_malignant": y, "group": groups})
+    fo = F.make_folds(df, ["malignant"], 5, 0, "group")
+    F.check_folds(df, fo, "group")
+    pos = df.merge(fo, on="lesion_id").groupby("fold")["y_malignant"].sum()
+    assert pos.max() - pos.min() <= 3, pos.tolist()
+
+
 def test_multilabel_folds():
     rng = np.random.default_rng(0)
     y = (rng.random((60, 3)) < [0.6, 0.3, 0.15]).astype(float)

@@ -82,5 +82,7 @@ def test_loss_errors():
         Loss(cfg("hinge"), "multiclass")
     with pytest.raises(PipelineError, match="multilabel"):
         Loss(cfg("ce"), "multilabel")
+    with pytest.raises(PipelineError, match="binary task"):  # one logit: softmax would be constant 1
+        Loss(cfg("wce"), "binary")
     with pytest.raises(PipelineError, match="focal_alpha"):
         Loss(cfg("focal", focal_alpha="x"), "multiclass")

@@ -117,3 +117,40 @@ def test_load_histories(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert list(out) == ["expA/fold0", "expA/fold2", "expA/fold10"]
     pd.testing.assert_frame_equal(out["expA/fold2"], h)
     assert "fold4" in caplog.text
+
+
+def _binary_case(n: int = 300, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.1).astype(float)
+    p = 1 / (1 + np.exp(-(2.5 * y - 2 + rng.normal(0, 1, n))))
+    ids = [f"L{i:04d}" for i in range(n)]
+    return (pd.DataFrame({"lesion_id": ids, "fold": np.arange(n) % 5, "y_malignant": y}),
+            pd.DataFrame({"lesion_id": ids, "malignant": p}))
+
+
+def test_cv_summary_binary_reports_pauc_not_argmax(tmp_path: Path) -> None:
+    train, oof = _binary_case()
+    cv = R.cv_summary(train, oof, ["malignant"], "binary")
+    y, p = train["y_malignant"].to_numpy(), oof["malignant"].to_numpy()
+    assert cv["pauc_80"] == pytest.approx(M.partial_auc(y, p))
+    assert 0 < cv["pauc_80"] <= 0.2 and len(cv["per_fold_pauc_80"]) == 5
+    assert cv["auc"] == pytest.approx(M.macro_auc(y[:, None], p[:, None]))
+    assert "macro_f1_argmax" not in cv  # argmax over one column is meaningless
+    out = R.write_report(tmp_path, train, oof, ["malignant"], cv, {}, "raw", [], None, "bin", task="binary")
+    text = out.read_text()
+    assert "Partial AUC above 80% TPR" in text and not (tmp_path / "report" / "confusion.png").exists()
+
+
+def test_cv_summary_multilabel_reports_topk() -> None:
+    rng = np.random.default_rng(0)
+    Y = (rng.random((120, 4)) < 0.3).astype(float)
+    Y[Y.sum(1) == 0, 0] = 1
+    P = np.clip(0.6 * Y + rng.random(Y.shape) * 0.5, 0, 1)
+    ids = [f"L{i}" for i in range(120)]
+    train = pd.DataFrame({"lesion_id": ids, "fold": np.arange(120) % 4, **{f"y_{c}": Y[:, i] for i, c in enumerate(CLASSES)}})
+    oof = pd.DataFrame({"lesion_id": ids, **{c: P[:, i] for i, c in enumerate(CLASSES)}})
+    cv = R.cv_summary(train, oof, CLASSES, "multilabel")
+    assert cv["top1_accuracy"] == pytest.approx(M.topk_accuracy(Y, P, 1))
+    assert cv["top3_accuracy"] == pytest.approx(M.topk_accuracy(Y, P, 3))
+    assert "macro_f1_argmax" not in cv and cv["macro_dice_tuned_pooled"] >= cv["macro_dice_05"] - 1e-9
+

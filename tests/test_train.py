@@ -256,3 +256,21 @@ def test_errors(prep, tmp_path):
                         "train.model.arch=resnet_9000", "train.model.weights=null"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown backbone") and "Traceback" not in r.stderr
+
+
+def test_weighted_sampler_oversamples_binary_positives():
+    """Rows without a positive (binary negatives) are a stratum of their own: positives are drawn
+    far more often than their 5% share, and negatives are still drawn."""
+    y = np.zeros((200, 1))
+    y[:10] = 1
+    order = T.epoch_order(y, {"kind": "weighted", "power": 1.0}, 0, 0, 0)
+    share = y[order, 0].mean()
+    assert 0.35 < share < 0.65, share
+    assert (y[order, 0] == 0).any()
+
+
+def test_binary_task_uses_sigmoid_outputs():
+    z = np.array([[2.0], [-1.0]])
+    np.testing.assert_allclose(T.probabilities(z, "binary")[:, 0], 1 / (1 + np.exp(-z[:, 0])))
+    f1, per = T.f1_scores(np.array([[1.0], [0.0]]), z, "binary")
+    assert f1 == 1.0 and per.tolist() == [1.0]
