@@ -24,11 +24,11 @@ for f in "$RECIPE"/stack*.yaml; do
 done
 stage 05_submit.py -c "$RECIPE/submit.yaml" "$@"
 if [ -f "$RECIPE/score.txt" ]; then
-  # score.txt: "<truth csv> <submit exp>" for a test split whose labels are held out
+  # score.txt: "<truth csv> <submit exp> [task]" for a test split whose labels are held out
   out=output; prev=""
   for a in "$@"; do [ "$prev" = "--output" ] && out=$a; prev=$a; done
-  read -r truth exp < "$RECIPE/score.txt"
+  read -r truth exp task < "$RECIPE/score.txt"
   stage tools/score_submission.py --truth "$truth" --submission "$out/$exp/submission.csv" \
-    --json "$out/$exp/score.json"
+    --json "$out/$exp/score.json" --task "${task:-auto}"
 fi
 echo "=== done in $(( $(date +%s) - t0 ))s"

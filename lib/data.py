@@ -75,8 +75,10 @@ def to_numeric(df: pd.DataFrame, cols: list[str], path: Path) -> None:
 
 
 def onehot_labels(gt: pd.DataFrame, id_col: str, path: Path, known: list[str] | None,
-                  multilabel: bool = False) -> tuple[pd.DataFrame, list[str]]:
-    """Validate a one-hot ground-truth table -> (`lesion_id` + `y_<CLASS>`, classes)."""
+                  multilabel: bool = False, allow_none: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Validate a one-hot ground-truth table -> (`lesion_id` + `y_<CLASS>`, classes).
+
+    `allow_none`: rows without a positive are valid (binary: the negatives)."""
     classes = [c for c in gt.columns if c != id_col]
     if known is not None:
         unknown = [c for c in classes if c not in known]
@@ -89,7 +91,7 @@ def onehot_labels(gt: pd.DataFrame, id_col: str, path: Path, known: list[str] | 
         i = int(np.flatnonzero(~np.isin(y, (0.0, 1.0)).all(1))[0])
         raise PipelineError(f"{path}: line {i + 2} ({gt[id_col].iloc[i]}): labels must be 0 or 1")
     n = y.sum(1)
-    bad = np.flatnonzero(n == 0 if multilabel else n != 1)
+    bad = np.flatnonzero((n == 0) & ~allow_none if multilabel else (n > 1) | ((n == 0) & ~allow_none))
     if len(bad):
         i = int(bad[0])
         what = "no label" if n[i] == 0 else f"{int(n[i])} labels"
@@ -325,10 +327,17 @@ def read_generic(root: Path, split: str, g: dict, classes: list[str] | None, tas
     task = task or ("multilabel" if g["label_cols"] and len(g["label_cols"]) > 1 else "multiclass")
     if split == "train":
         if g["label_cols"]:
+            if task == "binary" and len(g["label_cols"]) != 1:
+                raise PipelineError(f"data.generic.label_cols: a binary task takes one 0/1 column (the positive "
+                                    f"class), got {list(g['label_cols'])}")
             y, classes = onehot_labels(df[[g["id_col"], *g["label_cols"]]].copy(), g["id_col"], path,
-                                       classes or list(g["label_cols"]), multilabel=task == "multilabel")
+                                       classes or list(g["label_cols"]), multilabel=task == "multilabel",
+                                       allow_none=task == "binary")
             out = out.merge(y, on=ID, how="left", validate="one_to_one")
         elif g["label_col"]:
+            if task == "binary":
+                raise PipelineError("data.generic: a binary task takes label_cols: [<positive class>] "
+                                    "(one 0/1 column), not label_col")
             y, classes = labels_from_names(df, g["label_col"], classes, path, upper=False)
             out = pd.concat([out, y.reset_index(drop=True)], axis=1)
         else:
@@ -366,6 +375,8 @@ def read_split(cfg: dict, split: str) -> Raw | None:
         raw = read_generic(root, split, d["generic"], d["classes"], d["task"])
     if d["task"]:
         raw.task = d["task"]
+    if raw.task == "binary" and len(raw.classes) != 1:
+        raise PipelineError(f"data.task binary needs exactly one class (the positive one), got {raw.classes}")
     return raw
 
 

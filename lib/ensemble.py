@@ -232,6 +232,24 @@ def blend_metric(name: str | Metric, **tune_kw: float) -> Metric:
     return table[name]
 
 
+BLEND_METRICS = {  # metrics that mean something for each task
+    "multiclass": ("macro_dice_tuned", "macro_dice", "macro_auc", "balanced_accuracy", "macro_f1_argmax",
+                   "neg_log_loss"),
+    "multilabel": ("macro_dice_tuned", "macro_dice", "macro_auc"),
+    "binary": ("pauc", "macro_auc", "macro_dice_tuned", "macro_dice"),
+}
+
+
+def task_blend_metric(name: str, task: str) -> str:
+    """`auto` -> pauc (binary) or macro_dice_tuned; otherwise check the name fits the task."""
+    if name == "auto":
+        return "pauc" if task == "binary" else "macro_dice_tuned"
+    ok = BLEND_METRICS.get(task, ())
+    if name not in ok:
+        raise PipelineError(f"config: submit.blend_metric '{name}' does not fit a {task} task (one of {list(ok)})")
+    return name
+
+
 def _search_weights(mats: Sequence[np.ndarray], Y: np.ndarray, score: Metric, step: float,
                     max_lattice: int, n_greedy: int) -> tuple[np.ndarray, float]:
     """Best simplex weights: full lattice of spacing ``step`` when small, else greedy selection
@@ -251,11 +269,12 @@ def _search_weights(mats: Sequence[np.ndarray], Y: np.ndarray, score: Metric, st
         return best_w, best_s
     counts = np.zeros(n)
     for _ in range(n_greedy):
-        trial = [score(Y, _blend_arrays(mats, (counts + np.eye(n)[i]) / (counts.sum() + 1)))
-                 for i in range(n)]
+        trial = np.array([score(Y, _blend_arrays(mats, (counts + np.eye(n)[i]) / (counts.sum() + 1)))
+                          for i in range(n)], dtype=float)
+        trial = np.where(np.isfinite(trial), trial, -np.inf)  # e.g. pAUC of a fold without positives
         counts[int(np.argmax(trial))] += 1
-        if max(trial) > best_s:
-            best_w, best_s = counts / counts.sum(), max(trial)
+        if trial.max() > best_s:
+            best_w, best_s = counts / counts.sum(), float(trial.max())
     return best_w, best_s
 
 

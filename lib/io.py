@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -45,7 +46,21 @@ def write_text(text: str, path: str | Path) -> Path:
 
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write JSON atomically (indented, NaN-free floats as null)."""
-    return write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", path)
+    return write_text(json.dumps(_nan_to_none(obj), indent=2, default=_json_default, allow_nan=False) + "\n", path)
+
+
+def _nan_to_none(o: Any) -> Any:
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nan_to_none(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _nan_to_none(o.tolist())
+    if isinstance(o, np.floating):
+        return _nan_to_none(float(o))
+    return o
 
 
 def _json_default(o: Any) -> Any:

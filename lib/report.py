@@ -28,8 +28,9 @@ def oof_arrays(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str]) -> tu
 
 
 def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task: str = "multiclass") -> dict:
-    """Macro F1 (= Dice) at argmax, at 0.5, at tuned thresholds (pooled, and honest: thresholds
-    from the other folds), per class and per fold."""
+    """Macro F1 (= Dice) at 0.5 and at tuned thresholds (pooled, and honest: thresholds from the
+    other folds), per class and per fold; multiclass adds argmax F1 and balanced accuracy, binary
+    AUC and pAUC above 80% TPR (pooled and per fold), multilabel top-1 / top-3 accuracy."""
     Y, P, folds = oof_arrays(train, oof, classes)
     sp = ensemble.foldwise_threshold_spread(Y, P, folds, classes)
     t = sp["pooled_thresholds"]
@@ -57,7 +58,8 @@ def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task:
         out["per_fold_f1_argmax"] = [float(M.macro_f1_argmax(Y[folds == k], P[folds == k]))
                                      for k in np.unique(folds)]
     try:
-        out["macro_auc"] = float(M.macro_auc(Y, P))
+        if task != "binary":  # binary: `auc` above
+            out["macro_auc"] = float(M.macro_auc(Y, P))
     except ValueError:
         pass
     return out
@@ -93,11 +95,11 @@ HEADLINE = {  # cv key -> label, in report order
     "top1_accuracy": "Top-1 accuracy (top class is a true label)",
     "top3_accuracy": "Top-3 accuracy",
 }
-MEMBER_METRICS = ("macro_f1_argmax", "macro_dice_tuned_cv", "macro_auc")
+MEMBER_METRICS = ("macro_f1_argmax", "macro_dice_tuned_cv", "macro_auc", "auc", "pauc_80")
 NOTE = (
     "*Tuned pooled* thresholds are tuned and scored on the same pooled OOF rows, so that number is "
     "optimistic. *Tuned honest-CV* scores each fold's rows with thresholds tuned on the **other** "
-    "folds only: the estimate to trust for the leaderboard. The confusion matrix needs one label "
+    "folds only: the estimate to trust for the leaderboard. The confusion matrix (multiclass only) needs one label "
     "per row: with `thresholds` the label is the argmax of p/t over the classes with p > t, or the "
     "plain argmax when no class clears its threshold; per-class Dice and the score still use the "
     "official rule (every class with p > t is positive, after baking t to 0.5).")
@@ -267,15 +269,16 @@ def _per_fold_table(cv: dict) -> pd.DataFrame | None:
     if cv.get("per_fold") is None or not len(cv["per_fold"]):
         return None
     pf = pd.DataFrame(cv["per_fold"]).reset_index(drop=True)
-    f1 = cv.get("per_fold_f1_argmax")
-    if f1 is not None and len(f1) == len(pf):
-        pf.insert(min(2, len(pf.columns)), "f1_argmax", np.asarray(f1, dtype=float))
+    for key, col in (("per_fold_f1_argmax", "f1_argmax"), ("per_fold_pauc_80", "pauc_80")):
+        v = cv.get(key)
+        if v is not None and len(v) == len(pf):
+            pf.insert(min(2, len(pf.columns)), col, np.asarray(v, dtype=float))
     return pf
 
 
 def _fig_cv_spread(Fig: Callable, pf: pd.DataFrame) -> Any:
-    cols = [c for c in ("f1_argmax", "dice_05", "dice_infold", "dice_cv") if c in pf]
-    labels = {"f1_argmax": "F1 argmax", "dice_05": "Dice@0.5", "dice_infold": "Dice tuned\nin-fold",
+    cols = [c for c in ("pauc_80", "f1_argmax", "dice_05", "dice_infold", "dice_cv") if c in pf]
+    labels = {"pauc_80": "pAUC\n(max 0.2)", "f1_argmax": "F1 argmax", "dice_05": "Dice@0.5", "dice_infold": "Dice tuned\nin-fold",
               "dice_cv": "Dice tuned\nhonest"}
     fig = Fig(figsize=(1.6 * len(cols) + 2, 3.8))
     ax = fig.subplots()
@@ -303,8 +306,9 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     """Write ``folder/report.md`` and its PNGs in ``folder/report/``; returns the report path.
 
     ``cv`` is a ``cv_summary`` dict; ``thresholds`` the tuned per-class thresholds (empty: those in
-    ``cv``); ``decision`` 'argmax' or 'thresholds' (the rule used for the submission);
-    (or 'raw': blended probabilities as they are, binary tasks); ``members`` dicts with ``exp``, ``weight`` and optionally metrics (top level or under ``cv``);
+    ``cv``); ``decision`` 'argmax', 'thresholds' or 'raw' (the rule used for the submission; raw =
+    blended probabilities as they are, binary tasks); ``task`` multiclass | multilabel | binary
+    (the confusion matrix and argmax F1 are multiclass only); ``members`` dicts with ``exp``, ``weight`` and optionally metrics (top level or under ``cv``);
     ``histories`` ``{"<exp>/foldK": DataFrame(epoch, train_loss, val_loss, val_macro_f1, lr)}``
     (any column may be missing; empty or None: no training-curves figure). Figures use
     matplotlib's Agg canvas directly (no pyplot state); every file is written atomically and
@@ -351,7 +355,8 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
              f"Decision used: **{decision}**" + {
                 "argmax": " (single label = argmax of p)",
                 "thresholds": " (per-class p > t, baked to 0.5 in the submission)",
-                "raw": " (blended probabilities submitted as they are: the metric ranks them)"}[decision],
+                "raw": " (blended probabilities submitted as they are"
+                       + (": the binary metric ranks them)" if task == "binary" else ")")}[decision],
              "", _md_table(["class", "threshold"], [[c, float(x)] for c, x in zip(classes, t)]),
              "", "## Members", ""]
     if members:

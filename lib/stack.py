@@ -205,11 +205,20 @@ def _fold_features(xtr: pd.DataFrame, others: list[pd.DataFrame], blocks: dict[s
     return mats, names
 
 
-def _inner_split(y: np.ndarray, frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
+                 groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (positive/negative) split of training-fold positions into (fit, early-stop valid).
 
     Each label group with >= 2 rows gives at least one row to the valid part and keeps at least one.
+    With `groups` (patients / lesions) whole groups go to one side, stratified on "has a positive".
     """
+    if groups is not None:
+        ug, inv = np.unique(np.asarray(groups), return_inverse=True)
+        gy = np.zeros(len(ug))
+        np.maximum.at(gy, inv, y)
+        _, gval = _inner_split(gy, frac, rng)
+        mask = np.isin(inv, gval)
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
     valid = [rng.choice(g, min(len(g) - 1, max(1, round(frac * len(g)))), replace=False)
              for g in (np.flatnonzero(y == 1), np.flatnonzero(y == 0)) if len(g) >= 2]
     mask = np.zeros(len(y), bool)
@@ -240,8 +249,10 @@ def _make_booster(head: str, hp: dict, seed: int, device: str, spw: float, n_est
 
 
 def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: list[pd.DataFrame],
-                seed: int, device: str, balanced: bool, tag: str) -> tuple[list[np.ndarray], np.ndarray]:
-    """One binary booster on the training fold; returns P(positive) for each of `xpred` and gains."""
+                seed: int, device: str, balanced: bool, tag: str,
+                groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """One binary booster on the training fold; returns P(positive) for each of `xpred` and gains.
+    `groups` (row-aligned with `xtr`): the early-stopping split keeps each group on one side."""
     n, pos = len(y), int(y.sum())
     if pos in (0, n):
         prior = (pos + 0.5) / (n + 1.0)
@@ -249,7 +260,7 @@ def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: li
                     head, tag, pos, n, prior)
         return [np.full(len(x), prior) for x in xpred], np.zeros(xtr.shape[1])
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
-    fit_i, es_i = _inner_split(y, hp["inner_valid_frac"], rng)
+    fit_i, es_i = _inner_split(y, hp["inner_valid_frac"], rng, groups)
     if y[es_i].sum() == 0 or y[es_i].sum() == len(es_i):  # cannot early-stop on one label
         log.warning("stack %s %s: %d positive(s) only; no early stopping, %d rounds",
                     head, tag, pos, min(hp["n_estimators"], hp["fallback_rounds"]))
@@ -278,7 +289,8 @@ def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: li
 
 
 def _tree_head(head: str, xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg: dict,
-               device: str, fold: int, classes: list[str], bar: tqdm) -> tuple[list[np.ndarray], np.ndarray]:
+               device: str, fold: int, classes: list[str], bar: tqdm,
+               groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-class binary boosters averaged over seeds; returns class probs per `xpred` and gains (C, F)."""
     seeds, c_n = cfg["seeds"], ytr.shape[1]
     preds = [np.zeros((len(x), c_n)) for x in xpred]
@@ -286,7 +298,7 @@ def _tree_head(head: str, xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.Dat
     for seed in seeds:
         for c in range(c_n):
             ps, g = _fit_binary(head, cfg[head], xtr, ytr[:, c], xpred, seed, device,
-                                cfg["imbalance"] == "balanced", f"fold{fold}/{classes[c]}/seed{seed}")
+                                cfg["imbalance"] == "balanced", f"fold{fold}/{classes[c]}/seed{seed}", groups)
             for out, p in zip(preds, ps):
                 out[:, c] += p / len(seeds)
             gains[c] += g / len(seeds)
@@ -339,7 +351,8 @@ def _lr_head(xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg:
 # ----------------------------------------------------------------------------- main entry
 def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_blocks: dict[str, list[str]],
                       classes: list[str], cfg: dict | None = None) -> StackResult:
-    """Nested stacking on the fixed `fold` column of `train` (see the module docstring).
+    """Nested stacking on the fixed `fold` column of `train` (see the module docstring). An optional
+    `group` column (patients / lesions) keeps each group on one side of the inner early-stopping split.
 
     `cfg` is the `stack` config section (partial dicts are merged over DEFAULTS).
     """
@@ -355,6 +368,7 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
         test[feats].to_numpy(np.float64), index=pd.Index(test[ID].astype(str).to_numpy(), name=ID), columns=feats)
     y_all = train[[f"y_{c}" for c in classes]].to_numpy(float)
     folds = train["fold"].astype(int).to_numpy()
+    groups = train["group"].astype(str).to_numpy() if "group" in train.columns else None
     n_folds = folds.max() + 1
     oof = {h: np.full((len(train), c_n), np.nan) for h in heads}
     tst = {h: np.zeros((0 if x_te is None else len(x_te), c_n)) for h in heads}
@@ -370,7 +384,8 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
                                                   cfg["pca_components"])
             for h in heads:
                 if h in TREE_HEADS:
-                    preds, gains = _tree_head(h, xtr, y_all[~va], xpred, cfg, device, k, classes, bar)
+                    preds, gains = _tree_head(h, xtr, y_all[~va], xpred, cfg, device, k, classes, bar,
+                                              None if groups is None else groups[~va])
                 else:
                     preds, gains = _lr_head(xtr, y_all[~va], xpred, cfg, k)
                 oof[h][va] = preds[0]
@@ -381,7 +396,8 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
             p = sum(w[h] * oof[h][va] for h in heads)
             yt = y_all[va]
             f1 = (f1_score(yt.argmax(1), p.argmax(1), labels=range(c_n), average="macro", zero_division=0)
-                  if cfg["renorm"] else f1_score(yt, p >= 0.5, average="macro", zero_division=0))
+                  if cfg["renorm"] else  # per-class F1 of the positives at > 0.5 (binary: the positive class)
+                  float(np.mean([f1_score(yt[:, c], p[:, c] > 0.5, zero_division=0) for c in range(c_n)])))
             log.info("stack fold %d: %d train / %d valid rows, macro F1 %.4f", k, (~va).sum(), va.sum(), f1)
 
     def table(p: np.ndarray, rid: np.ndarray) -> pd.DataFrame:
@@ -414,7 +430,7 @@ def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame 
 
     s = cfg["stack"]
     classes = info["classes"]
-    keep = [ID, "fold", *[f"y_{c}" for c in classes]]
+    keep = [ID, "fold", *[f"y_{c}" for c in classes], *(["group"] if info.get("group") == "group" else [])]
     tr, te = train[keep].copy(), None if test is None else test[[ID]].copy()
     blocks: dict[str, list[str]] = {}
     if s["use_monet"] and info["monet_columns"]:
@@ -469,6 +485,9 @@ def _add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.D
     if "group" not in train.columns or info.get("group") != "group":
         raise PipelineError("stack.patient_features needs a patient column and folds grouped by it "
                             "(ISIC 2024 patient_id; data.format isic2024, or data.generic.group_col)")
+    if test is not None and "group" not in test.columns:
+        raise PipelineError("stack.patient_features: the test table has no patient column "
+                            "(test-metadata.csv patient_id / the generic test CSV's group_col)")
     enc = read_json(prep_dir(cfg) / "meta_encoders.json")
     cols = [f"meta_{c}" for c in enc["num"] if f"meta_{c}" in tr.columns]
     cols += [c for name, b in blocks.items() if name.startswith("oof_") for c in b]

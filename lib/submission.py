@@ -141,8 +141,7 @@ def run(cfg: dict) -> dict:
     elif all(x is not None for x in fixed):
         w = np.asarray(fixed, float)
     elif s["optimize_weights"]:
-        metric = s["blend_metric"] if s["blend_metric"] != "auto" else (
-            "pauc" if task == "binary" else "macro_dice_tuned")
+        metric = ensemble.task_blend_metric(s["blend_metric"], task)
         opt = ensemble.optimize_blend_weights(oofs, train, metric=metric, per_fold=True, method=s["blend"])
         w = np.asarray(opt["fold_avg"], float)
         weights_info = {"metric": metric, "pooled": list(map(float, opt["pooled"])),
@@ -156,6 +155,8 @@ def run(cfg: dict) -> dict:
     w = w / w.sum()
     oof = ensemble.blend(oofs, w, method=s["blend"])
     te = ensemble.blend(tests, w, method=s["blend"]) if test is not None else None
+    if s["logit_adjust_tau"] and task != "multiclass":
+        log.warning("submit.logit_adjust_tau is for multiclass tasks; ignored for this %s task", task)
     if s["logit_adjust_tau"] and task == "multiclass":
         priors = np.clip(train[[f"y_{c}" for c in classes]].to_numpy().mean(0), 1e-4, None)
         oof[classes] = ensemble.logit_adjust(oof[classes].to_numpy(), priors, s["logit_adjust_tau"])
@@ -188,9 +189,10 @@ def run(cfg: dict) -> dict:
         log.info("wrote %s (%d rows)", out / "submission.csv", len(sub))
     else:
         log.warning("no test split: OOF blend and CV only, no submission.csv")
-    write_json({"decision": decision, "thresholds": cv["thresholds"],
-                "note": "submitted probabilities are remapped per class so that the tuned threshold lands at 0.5"},
-               out / "thresholds.json")
+    note = {"thresholds": "submitted probabilities are remapped per class so that the tuned threshold lands at 0.5",
+            "argmax": "submitted probabilities are remapped so that only the argmax class is above 0.5",
+            "raw": "blended probabilities submitted as they are; thresholds are for reference only"}[decision]
+    write_json({"decision": decision, "thresholds": cv["thresholds"], "note": note}, out / "thresholds.json")
     write_json(summary, out / "cv.json")
     save_config(cfg, out)
     if s["report"]:

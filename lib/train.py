@@ -11,7 +11,7 @@ Per fold k (rows with `fold == k` are validation, the rest train):
   slow on CPUs without AMX); `fp16` (CUDA only); `off`. channels_last, optional torch.compile;
 - EMA of the weights (`ema` decay, 0 = off; timm ModelEmaV3);
 - fixed-epoch training: OOF/test use the last weights (or the EMA weights when `ema` > 0 and
-  `use_ema_for_oof`). `early_stopping.enabled` keeps the best validation macro-F1 epoch instead;
+  `use_ema_for_oof`). `early_stopping.enabled` keeps the best validation macro-F1 (binary: AUC) epoch instead;
   that selects on the OOF rows themselves (optimistic OOF), so it is recorded in summary.json,
   history.csv and cv.json;
 - sampling: `sampler.kind: weighted` draws N rows with replacement with probability
@@ -644,9 +644,15 @@ def train_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | 
                 vl = float(loss_fn(torch.tensor(val_logits, device=device), torch.tensor(ds_va.y, device=device)))
             f1, per = f1_scores(ds_va.y, val_logits, task)
             row.update({"val_loss": vl, "val_macro_f1": f1, **{f"f1_{c}": float(v) for c, v in zip(classes, per)}})
+            monitor = f1
+            if task == "binary":  # F1 at 0.5 is ~0 at low prevalence: monitor AUC instead
+                from lib.metrics import macro_auc
+                yv = ds_va.y
+                row["val_auc"] = monitor = float(macro_auc(yv, val_logits)) if 0 < yv.sum() < len(yv) else float("nan")
+                monitor = monitor if np.isfinite(monitor) else -np.inf
             if es["enabled"]:
-                if best is None or f1 > best["f1"]:
-                    best, bad = {"epoch": epoch + 1, "f1": f1, "state": _state(eval_model), "val_logits": val_logits}, 0
+                if best is None or monitor > best["f1"]:  # "f1": the monitored score (AUC for binary)
+                    best, bad = {"epoch": epoch + 1, "f1": monitor, "state": _state(eval_model), "val_logits": val_logits}, 0
                 else:
                     bad += 1
                     stop = bad >= int(es["patience"])

@@ -349,3 +349,17 @@ def test_encoder_degenerate_columns():
                               ["a", "b", "c"], [])
     assert enc["num"] == {"a": {"mean": 5.0, "std": 1.0}, "b": {"mean": 0.0, "std": 1.0},
                           "c": {"mean": 1.0, "std": 1.0}}
+
+
+def test_generic_binary_one_column_with_negatives(tmp_path):
+    root = make_generic(tmp_path / "g")
+    cfg = generic_cfg(root, tmp_path / "o", "data.task=binary", "data.generic.label_cols=[bleeding]")
+    raw = D.read_split(cfg, "train")
+    assert raw.task == "binary" and raw.classes == ["bleeding"]
+    assert raw.table["y_bleeding"].tolist() == [float(i % 3 == 0) for i in range(12)]  # negatives kept
+    with pytest.raises(PipelineError, match="binary task takes one 0/1 column"):
+        D.read_split(generic_cfg(root, tmp_path / "o", "data.task=binary",
+                                 "data.generic.label_cols=[ulcer, pigment]"), "train")
+    with pytest.raises(PipelineError, match="not label_col"):
+        D.read_split(generic_cfg(root, tmp_path / "o", "data.task=binary",
+                                 "data.generic.label_col=diagnosis"), "train")

@@ -36,11 +36,12 @@ def _pipeline(recipe: str, out: Path, extra: list[str]) -> dict:
     _run(["04_stack.py", "-c", f"{d}/stack.yaml", TINY_ENC, "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20",
           "stack.pca_components=4"], out, extra)
     _run(["05_submit.py", "-c", f"{d}/submit.yaml"], out, extra)
-    truth, exp = Path(ROOT, d, "score.txt").read_text().split()
+    truth, exp, *task = Path(ROOT, d, "score.txt").read_text().split()
     if extra and extra[0] == "--data":  # fixture made in tmp: its held-out labels sit beside it
         truth = str(Path(extra[1]) / "held_out" / Path(truth).name)
     sub = out / exp / "submission.csv"
-    p = subprocess.run([sys.executable, "tools/score_submission.py", "--truth", truth, "--submission", str(sub)],
+    p = subprocess.run([sys.executable, "tools/score_submission.py", "--truth", truth, "--submission", str(sub),
+                        "--task", task[0] if task else "auto"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     return {"score": json.loads(p.stdout), "sub": pd.read_csv(sub, dtype=str), "truth": pd.read_csv(truth, dtype=str),

@@ -161,3 +161,17 @@ def test_optimize_blend_weights_prefers_informative_model(max_lattice):
     assert "fold_avg" not in r2 and r2["pooled"].sum() == pytest.approx(1.0)
     with pytest.raises(PipelineError, match="fold"):
         E.optimize_blend_weights(tables, truth.drop(columns="fold"))
+
+
+def test_task_blend_metric_and_nan_scores_in_greedy_search():
+    assert E.task_blend_metric("auto", "binary") == "pauc"
+    assert E.task_blend_metric("auto", "multilabel") == "macro_dice_tuned"
+    assert E.task_blend_metric("balanced_accuracy", "multiclass") == "balanced_accuracy"
+    with pytest.raises(PipelineError, match="does not fit a binary task"):
+        E.task_blend_metric("neg_log_loss", "binary")
+    # a member whose score is NaN must never be chosen over a finite one
+    Y = np.eye(2)[[0, 1, 0, 1]]
+    mats = [np.full((4, 2), 0.5), Y * 0.8 + 0.1]
+    score = lambda Yt, P: float("nan") if np.allclose(P, 0.5) else M.macro_auc(Yt, P)  # noqa: E731
+    w, s = E._search_weights(mats, Y, score, 0.1, 0, 5)
+    assert w[1] == 1.0 and s == pytest.approx(1.0)

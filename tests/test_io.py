@@ -144,3 +144,9 @@ def test_merge_on_id_errors():
         IO.merge_on_id(ids("a", "c"), right, "t", how="left")
     with pytest.raises(PipelineError, match="duplicate"):
         IO.merge_on_id(ids("a"), pd.DataFrame({"lesion_id": ["a", "a"], "w": [1.0, 2]}), "t", how="left")
+
+
+def test_write_json_writes_nan_as_null(tmp_path):
+    p = IO.write_json({"a": float("nan"), "b": [1.0, np.float64("inf")], "c": np.array([np.nan, 2.0])},
+                      tmp_path / "x.json")
+    assert json.loads(p.read_text()) == {"a": None, "b": [1.0, None], "c": [None, 2.0]}

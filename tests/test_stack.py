@@ -234,3 +234,14 @@ def test_outputs_ids_sums_importance_and_determinism():
     assert (res.fold_of == df.set_index("lesion_id")["fold"]).all()
     again = stack.fit_predict_stack(df, test, blocks, classes, c)
     pd.testing.assert_frame_equal(res.oof, again.oof)
+
+
+def test_inner_split_keeps_groups_together_and_stratifies():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"P{i}" for i in range(40)], 3)
+    y = np.zeros(120)
+    y[:15] = 1  # positives in the first 5 patients
+    fit, es = stack._inner_split(y, 0.2, rng, groups)
+    assert len(np.intersect1d(fit, es)) == 0 and len(fit) + len(es) == 120
+    assert not set(groups[fit]) & set(groups[es])  # no patient on both sides
+    assert y[es].sum() > 0 and y[fit].sum() > 0

@@ -60,7 +60,14 @@ SITE_2024 = {  # HAM localization -> ISIC 2024 anatom_site_general
 
 
 def _per_class(text: str | None) -> dict[str, int]:
-    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))} if text else {}
+    """'nv=12,mel=10' -> {'nv': 12, 'mel': 10}."""
+    out: dict[str, int] = {}
+    for kv in (text.split(",") if text else []):
+        k, _, v = kv.partition("=")
+        if not k.strip() or not v.strip().isdigit():
+            raise PipelineError(f"per-class counts: '{kv}' is not dx=N (e.g. nv=12,mel=10)")
+        out[k.strip()] = int(v)
+    return out
 
 
 def _pick(les: pd.DataFrame, counts: dict[str, int], rng: np.random.Generator) -> list[str]:
