@@ -36,7 +36,10 @@ def _finish(raw: data.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> pd.
         for c in ycols:
             out[c] = df[c].astype(np.float32)
         y = df[ycols].to_numpy()
-        out["label"] = np.where(y.sum(1) == 1, y.argmax(1), -1) if raw.task != "multilabel" else -1
+        if raw.task == "binary":  # the 0/1 target
+            out["label"] = y[:, 0].astype(int)
+        else:  # class index; multi-label rows have none
+            out["label"] = np.where(y.sum(1) == 1, y.argmax(1), -1) if raw.task == "multiclass" else -1
     else:
         out["label"] = -1
     if raw.group_col:
