@@ -21,9 +21,11 @@ def id_column(fmt: str) -> str:
     return ID_COLUMN.get(fmt, ID)
 
 
-def build_submission(probs: pd.DataFrame, classes: list[str], fmt: str, task: str) -> pd.DataFrame:
-    """`lesion_id` + class columns -> the challenge's layout (ISIC 2024: `isic_id,target`)."""
-    key = id_column(fmt)
+def build_submission(probs: pd.DataFrame, classes: list[str], fmt: str, task: str,
+                     key: str | None = None) -> pd.DataFrame:
+    """`lesion_id` + class columns -> the challenge's layout (ISIC 2024: `isic_id,target`).
+    `key`: the id column's name (default: the format's; generic data: its own id column)."""
+    key = key or id_column(fmt)
     out = pd.DataFrame({key: probs[ID].astype(str).to_numpy()})
     if task == "binary" and fmt == "isic2024":
         out["target"] = probs[classes[0]].to_numpy(dtype=np.float64)
@@ -184,7 +186,8 @@ def run(cfg: dict) -> dict:
             final[classes] = ensemble.remap_to_threshold(P, thr)
         elif decision == "argmax":
             final[classes] = ensemble.argmax_remap(P)
-        sub = build_submission(final, classes, info["format"], task)
+        key = cfg["data"]["generic"]["id_col"] if info["format"] == "generic" else None
+        sub = build_submission(final, classes, info["format"], task, key)
         write_submission(sub, test[ID].astype(str).tolist(), out / "submission.csv")
         log.info("wrote %s (%d rows)", out / "submission.csv", len(sub))
     else:

@@ -84,7 +84,7 @@ def test_multilabel_fixture_scin_style(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     r = _pipeline("multilabel_fixture", tmp_path / "out", ["--data", str(data)])
     sub = r["sub"]
-    assert list(sub.columns) == ["lesion_id", "eczema", "psoriasis", "acne", "tinea", "urticaria"]
+    assert list(sub.columns) == ["case_id", "eczema", "psoriasis", "acne", "tinea", "urticaria"]
     assert r["cv"]["decision"] == "thresholds"
     s = r["score"]["ours"]
     assert r["score"]["task"] == "multilabel" and {"macro_f1", "top1_accuracy", "top3_accuracy"} <= set(s)
