@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ def _finish(raw: data.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> pd.
     df = raw.table.reset_index(drop=True)
     out = pd.DataFrame({ID: df[ID].astype(str)})
     for m in raw.modalities:
-        out[f"path_{m}"] = paths[m] if cfg["cache"]["mode"] != "none" else df[f"src_{m}"]
+        # cached: relative to the prep folder; mode none: the source file, made absolute (a relative
+        # data.root would otherwise be read relative to the prep folder)
+        out[f"path_{m}"] = paths[m] if cfg["cache"]["mode"] != "none" else [os.path.abspath(p) for p in df[f"src_{m}"]]
         if f"isic_{m}" in df:
             out[f"isic_{m}"] = df[f"isic_{m}"]
     ycols = data.label_columns(raw.classes)

@@ -137,6 +137,15 @@ def test_cache_mode_none_points_at_sources(tmp_path):
     assert all(Path(p).is_file() and Path(p).is_relative_to(SAMPLE) for p in tr["path_dermoscopic"])
 
 
+def test_cache_mode_none_with_relative_data_root(tmp_path, monkeypatch):
+    """A relative data.root (as in the shipped configs) must still resolve from later stages."""
+    monkeypatch.chdir(SAMPLE.parent)
+    cfg = milk_cfg(Path(SAMPLE.name), tmp_path / "out", "cache.mode=none")
+    prepare.run(cfg)
+    tr = pd.read_parquet(prep_of(cfg) / "train.parquet")
+    assert all(prepare.image_path(cfg, p).is_file() for p in tr["path_dermoscopic"])
+
+
 # --------------------------------------------------------------------------- folds written once
 def test_folds_written_once(tmp_path):
     out = tmp_path / "out"
