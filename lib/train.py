@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -125,7 +126,8 @@ DEFAULTS: dict[str, Any] = {
     "use_ema_for_oof": True,
     "folds": "all",                 # all | list of fold indices (also --fold k)
     "tta": ["id", "hflip"],
-    "workers": 2,                   # DataLoader workers (0 = main process)
+    "workers": -1,                  # DataLoader workers (0 = main process; -1 = cores - 1, at most 8:
+                                    # 1 on a 2-core CPU, the measured best, BENCHMARKS.md)
     "log_every": 20,                # progress-bar refresh, in micro-batches
     "val_every": 1,                 # validate every N epochs (0 = only after the last)
     "keep_checkpoint": False,       # keep fold{k}/checkpoint.pt after the fold is done
@@ -317,6 +319,11 @@ def to_device(batch: dict[str, torch.Tensor], device: str, channels_last: bool) 
             v = v.contiguous(memory_format=torch.channels_last)
         out[k] = v
     return out
+
+
+def resolve_workers(n: int) -> int:
+    """`train.workers`; -1 = cores - 1 (at least 1, at most 8)."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1)) if n < 0 else n
 
 
 def epoch_order(y: np.ndarray, sampler: dict, seed: int, fold: int, epoch: int) -> np.ndarray:
@@ -546,7 +553,7 @@ def train_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | 
     ds_va = LesionDataset(va, **common)
     ds_te = None if test is None or len(test) == 0 else LesionDataset(test, **common)
     sampler = D.GlobalBatchSampler(lambda e: epoch_order(y_tr, tcfg["sampler"], seed, k, e), len(tr), gb, d)
-    workers = int(tcfg["workers"])
+    workers = resolve_workers(int(tcfg["workers"]))
     dl_tr = _loader(ds_tr, workers, seed_for(seed, k, 7), batch_sampler=sampler, pin_memory=device.startswith("cuda"))
 
     # state (fresh or resumed)

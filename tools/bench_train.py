@@ -94,7 +94,7 @@ def measure(cfg: dict, size: int, mode: str, steps: int, warmup: int, channels_l
                 b = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v) for k, v in b.items()}
             batches = iter(lambda: b, None)
         else:
-            w = int(cfg["train"]["workers"] if workers is None else workers)
+            w = T.resolve_workers(int(cfg["train"]["workers"] if workers is None else workers))
             sampler = D.GlobalBatchSampler(lambda e: T.epoch_order(y, {"kind": "none", "power": 0}, 0, 0, e),
                                            len(y), min(bs, len(y)), D.Dist())
             dl = T._loader(ds, w, 0, batch_sampler=sampler)
