@@ -245,3 +245,14 @@ def test_inner_split_keeps_groups_together_and_stratifies():
     assert len(np.intersect1d(fit, es)) == 0 and len(fit) + len(es) == 120
     assert not set(groups[fit]) & set(groups[es])  # no patient on both sides
     assert y[es].sum() > 0 and y[fit].sum() > 0
+
+
+def test_patient_features_need_grouped_folds_and_test_patients():
+    tr = pd.DataFrame({"lesion_id": ["a", "b"], "fold": [0, 1], "y_X": [1.0, 0.0], "group": ["p", "q"]})
+    with pytest.raises(PipelineError, match="folds grouped by it"):
+        stack._add_patient_features({}, {"group": None}, tr, None, tr, None, {})
+    with pytest.raises(PipelineError, match="folds grouped by it"):
+        stack._add_patient_features({}, {"group": "group"}, tr.drop(columns="group"), None, tr, None, {})
+    te = pd.DataFrame({"lesion_id": ["t"]})
+    with pytest.raises(PipelineError, match="test table has no patient column"):
+        stack._add_patient_features({}, {"group": "group"}, tr, te, tr, te, {})
