@@ -91,7 +91,8 @@ def onehot_labels(gt: pd.DataFrame, id_col: str, path: Path, known: list[str] | 
         i = int(np.flatnonzero(~np.isin(y, (0.0, 1.0)).all(1))[0])
         raise PipelineError(f"{path}: line {i + 2} ({gt[id_col].iloc[i]}): labels must be 0 or 1")
     n = y.sum(1)
-    bad = np.flatnonzero((n == 0) & ~allow_none if multilabel else (n > 1) | ((n == 0) & ~allow_none))
+    empty = (n == 0) & (not allow_none)
+    bad = np.flatnonzero(empty if multilabel else empty | (n > 1))
     if len(bad):
         i = int(bad[0])
         what = "no label" if n[i] == 0 else f"{int(n[i])} labels"

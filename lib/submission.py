@@ -159,7 +159,7 @@ def run(cfg: dict) -> dict:
     te = ensemble.blend(tests, w, method=s["blend"]) if test is not None else None
     if s["logit_adjust_tau"] and task != "multiclass":
         log.warning("submit.logit_adjust_tau is for multiclass tasks; ignored for this %s task", task)
-    if s["logit_adjust_tau"] and task == "multiclass":
+    elif s["logit_adjust_tau"]:
         priors = np.clip(train[[f"y_{c}" for c in classes]].to_numpy().mean(0), 1e-4, None)
         oof[classes] = ensemble.logit_adjust(oof[classes].to_numpy(), priors, s["logit_adjust_tau"])
         if te is not None:

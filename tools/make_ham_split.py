@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from lib.cache import read_rgb  # noqa: E402
 from lib.data import HAM_CLASSES, read_csv  # noqa: E402
 from lib.errors import PipelineError  # noqa: E402
 from lib.io import write_csv  # noqa: E402
+from tools.split_common import per_class, pick, place_image  # noqa: E402
 
 log = logging.getLogger("make_ham_split")
 MALIGNANT = ("mel", "bcc", "akiec")
@@ -57,44 +56,6 @@ SITE_2024 = {  # HAM localization -> ISIC 2024 anatom_site_general
     "abdomen": "anterior torso", "upper extremity": "upper extremity", "hand": "upper extremity",
     "lower extremity": "lower extremity", "foot": "lower extremity", "acral": "lower extremity",
     "genital": "anterior torso", "unknown": None}
-
-
-def _per_class(text: str | None) -> dict[str, int]:
-    """'nv=12,mel=10' -> {'nv': 12, 'mel': 10}."""
-    out: dict[str, int] = {}
-    for kv in (text.split(",") if text else []):
-        k, _, v = kv.partition("=")
-        if not k.strip() or not v.strip().isdigit():
-            raise PipelineError(f"per-class counts: '{kv}' is not dx=N (e.g. nv=12,mel=10)")
-        out[k.strip()] = int(v)
-    return out
-
-
-def _pick(les: pd.DataFrame, counts: dict[str, int], rng: np.random.Generator) -> list[str]:
-    ids: list[str] = []
-    for c, n in counts.items():
-        pool = sorted(les.loc[les["dx"] == c, "lesion_id"])
-        if len(pool) < n:
-            raise PipelineError(f"class {c}: asked {n} lesions, only {len(pool)} available")
-        ids += list(rng.choice(pool, n, replace=False))
-    return ids
-
-
-def _place(src: Path, dst: Path, resize: int | None, link: bool) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if resize:
-        img = read_rgb(src)
-        h, w = img.shape[:2]
-        s = resize / max(h, w)
-        if s < 1:
-            img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-        cv2.imwrite(str(dst), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    elif link:
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        os.symlink(src.resolve(), dst)
-    else:
-        shutil.copyfile(src, dst)
 
 
 def lesion_features(img: np.ndarray) -> dict[str, float]:
@@ -163,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         les = meta.drop_duplicates("lesion_id")[["lesion_id", "dx"]]
         rng = np.random.default_rng(a.seed)
         if a.test_per_class:
-            test_ids = _pick(les, _per_class(a.test_per_class), rng)
+            test_ids = pick(les, per_class(a.test_per_class), rng)
         else:
             _, te = train_test_split(les, test_size=a.test_frac, stratify=les["dx"], random_state=a.seed)
             test_ids = te["lesion_id"].tolist()
         rest = les[~les["lesion_id"].isin(test_ids)]
-        train_ids = _pick(rest, _per_class(a.train_per_class), rng) if a.train_per_class else rest["lesion_id"].tolist()
+        train_ids = pick(rest, per_class(a.train_per_class), rng) if a.train_per_class else rest["lesion_id"].tolist()
         if out.exists() and any(out.iterdir()):
             raise PipelineError(f"{out} exists and is not empty; choose a new folder")
         images = src / "images"
@@ -177,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.format == "ham10000":
                 folder = out / "images"
                 for iid in tqdm(m["image_id"], desc=f"{split} images", leave=False):
-                    _place(images / f"{iid}.jpg", folder / f"{iid}.jpg", a.resize, a.link)
+                    place_image(images / f"{iid}.jpg", folder / f"{iid}.jpg", a.resize, a.link, 90)
                 if split == "train":
                     write_csv(m, out / "HAM10000_metadata.csv")
                 else:
@@ -190,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder = out / f"{split}-image" / "image"
                 rows = []
                 for r in tqdm(m.itertuples(), total=len(m), desc=f"{split} images + lesion features", leave=False):
-                    _place(images / f"{r.image_id}.jpg", folder / f"{r.image_id}.jpg", a.resize, a.link)
+                    place_image(images / f"{r.image_id}.jpg", folder / f"{r.image_id}.jpg", a.resize, a.link, 90)
                     rows.append(lesion_features(read_rgb(images / f"{r.image_id}.jpg")))
                 t = pd.DataFrame({"isic_id": m["image_id"], "patient_id": m["lesion_id"],
                                   "target": m["dx"].isin(MALIGNANT).astype(int),

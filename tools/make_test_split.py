@@ -16,55 +16,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from lib.cache import read_rgb  # noqa: E402
 from lib.data import MILK_CLASSES, read_csv  # noqa: E402
 from lib.errors import PipelineError  # noqa: E402
 from lib.io import write_csv  # noqa: E402
+from tools.split_common import per_class, pick, place_image  # noqa: E402
 
 log = logging.getLogger("make_test_split")
-
-
-def _per_class(text: str | None) -> dict[str, int]:
-    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))} if text else {}
-
-
-def _pick(gt: pd.DataFrame, counts: dict[str, int], rng: np.random.Generator) -> list[str]:
-    ids = []
-    for c, n in counts.items():
-        pool = gt.loc[gt["dx"] == c, "lesion_id"].tolist()
-        if len(pool) < n:
-            raise PipelineError(f"class {c}: asked {n} lesions, only {len(pool)} available")
-        ids += list(rng.choice(sorted(pool), n, replace=False))
-    return ids
-
-
-def _copy_image(src: Path, dst: Path, resize: int | None, link: bool) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if resize:
-        img = read_rgb(src)
-        h, w = img.shape[:2]
-        s = resize / max(h, w)
-        if s < 1:
-            img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-        cv2.imwrite(str(dst), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    elif link:
-        if dst.exists():
-            dst.unlink()
-        os.symlink(src.resolve(), dst)
-    else:
-        shutil.copyfile(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,19 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         gt["dx"] = gt["dx"].map(dict(enumerate(classes)))
         rng = np.random.default_rng(a.seed)
         if a.test_per_class:
-            test_ids = _pick(gt, _per_class(a.test_per_class), rng)
+            test_ids = pick(gt, per_class(a.test_per_class), rng)
         else:
             _, te = train_test_split(gt, test_size=a.test_frac, stratify=gt["dx"], random_state=a.seed)
             test_ids = te["lesion_id"].tolist()
         rest = gt[~gt["lesion_id"].isin(test_ids)]
-        train_ids = _pick(rest, _per_class(a.train_per_class), rng) if a.train_per_class else rest["lesion_id"].tolist()
+        train_ids = pick(rest, per_class(a.train_per_class), rng) if a.train_per_class else rest["lesion_id"].tolist()
         if out.exists() and any(out.iterdir()):
             raise PipelineError(f"{out} exists and is not empty; choose a new folder")
         for split, ids in (("Training", sorted(train_ids)), ("Test", sorted(test_ids))):
             m = meta[meta["lesion_id"].isin(ids)].sort_values(["lesion_id", "image_type"])
             for _, r in m.iterrows():
-                _copy_image(src / "MILK10k_Training_Input" / r.lesion_id / f"{r.isic_id}.jpg",
-                            out / f"MILK10k_{split}_Input" / r.lesion_id / f"{r.isic_id}.jpg", a.resize, a.link)
+                place_image(src / "MILK10k_Training_Input" / r.lesion_id / f"{r.isic_id}.jpg",
+                            out / f"MILK10k_{split}_Input" / r.lesion_id / f"{r.isic_id}.jpg", a.resize, a.link, 85)
             write_csv(m, out / f"MILK10k_{split}_Metadata.csv")
             g = gt[gt["lesion_id"].isin(ids)].drop(columns="dx").sort_values("lesion_id")
             write_csv(g, out / ("MILK10k_Training_GroundTruth.csv" if split == "Training"
