@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from lib.config import run_script
-from lib.prepare import run
+from lib.config.cli import run_script
+from lib.stages.prepare import run
 
 
 def main(cfg: dict, force_folds: bool = False) -> None:

@@ -12,12 +12,10 @@ model.pt, summary.json); once every fold is done output/<exp>/oof.parquet, test.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-
-from lib.config import run_script  # noqa: E402
-from lib.train import run  # noqa: E402
+from lib.config.cli import run_script  # noqa: E402
+from lib.stages.train import run  # noqa: E402
 
 EXTRA = [
     (("--fold",), {"type": int, "default": None, "help": "train only this fold (overrides train.folds)"}),

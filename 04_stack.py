@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from lib.config import run_script
-from lib.stack import run
+from lib.config.cli import run_script
+from lib.stages.stack import run
 
 
 def main(cfg: dict) -> None:

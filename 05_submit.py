@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from lib.config import run_script
-from lib.submission import run
+from lib.config.cli import run_script
+from lib.stages.submit import run
 
 
 def main(cfg: dict) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from lib.config import load_config
+from lib.config.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "input" / "milk10k_sample"

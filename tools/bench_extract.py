@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from lib import backbones  # noqa: E402
-from lib.features import embed_paths  # noqa: E402
+from lib.vision import backbones  # noqa: E402
+from lib.vision.embed import embed_paths  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

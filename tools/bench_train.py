@@ -32,13 +32,16 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import distributed as D  # noqa: E402
-from lib import train as T  # noqa: E402
-from lib.backbones import preprocess_spec  # noqa: E402
-from lib.config import load_config, prep_dir, setup_logging  # noqa: E402
-from lib.losses import Loss  # noqa: E402
-from lib.models import build_model  # noqa: E402
-from lib.prepare import load_dataset  # noqa: E402
+from lib.config.cli import setup_logging
+from lib.config.load import load_config
+from lib.core.artifacts import prep_dir  # noqa: E402
+from lib.data.dataset import load_dataset  # noqa: E402
+from lib.training import data as TD  # noqa: E402
+from lib.training import distributed as D  # noqa: E402
+from lib.training import optim as TO  # noqa: E402
+from lib.training.losses import Loss  # noqa: E402
+from lib.vision.backbones import preprocess_spec  # noqa: E402
+from lib.vision.models import build_model  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -47,24 +50,24 @@ def setup(cfg: dict, size: int, channels_last: bool):
     info, train, _ = load_dataset(cfg)
     tcfg, mcfg = cfg["train"], {**cfg["train"]["model"], "weights": None}
     classes = list(info["classes"])
-    mods = T.model_modalities(info, mcfg)
-    tab = T.Tabular(info, train)
+    mods = TD.model_modalities(info, mcfg)
+    tab = TD.Tabular(info, train)
     torch.manual_seed(0)
     model = build_model(mcfg, len(classes), len(tab.meta_cols), len(tab.monet_cols), list(info["modalities"]), size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(T.param_groups(model, tcfg), lr=float(tcfg["lr"]))
+    opt = torch.optim.AdamW(TO.param_groups(model, tcfg), lr=float(tcfg["lr"]))
     y = train[[f"y_{c}" for c in classes]].to_numpy(np.float32)
     loss_fn = Loss(tcfg["loss"], info.get("task", "multiclass"), y)
     spec = preprocess_spec(cfg["train"]["model"]["arch"], None)
-    ds = T.LesionDataset(train, prep_dir(cfg), mods, classes, tab, size, spec["mean"], spec["std"], train=True,
+    ds = TD.LesionDataset(train, prep_dir(cfg), mods, classes, tab, size, spec["mean"], spec["std"], train=True,
                          aug=tcfg["aug"], seed=0, modality_dropout=tcfg["modality_dropout"],
                          monet_dropout=tcfg["monet_dropout"])
     return model, opt, loss_fn, ds, y, len(mods)
 
 
 def step(fwd, model, opt, loss_fn, b, amp_dtype, clip: float) -> None:
-    with T.autocast("cpu", amp_dtype):
+    with TO.autocast("cpu", amp_dtype):
         z = fwd(b)
     loss = loss_fn(z.float(), b["y"])
     loss.backward()
@@ -87,24 +90,24 @@ def measure(cfg: dict, size: int, mode: str, steps: int, warmup: int, channels_l
         bs = int(cfg["train"]["batch_size"])
         clip = float(cfg["train"]["clip_grad"])
         if mode == "synthetic":
-            dl = T._loader(torch.utils.data.Subset(ds, list(range(bs))), 0, 0, batch_size=bs)
-            b = T.to_device(next(iter(dl)), "cpu", channels_last)
+            dl = TD._loader(torch.utils.data.Subset(ds, list(range(bs))), 0, 0, batch_size=bs)
+            b = TD.to_device(next(iter(dl)), "cpu", channels_last)
             b = {k: (v.new_empty(v.shape).normal_() if k.startswith("img_") else v) for k, v in b.items()}
             if channels_last:
                 b = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v) for k, v in b.items()}
             batches = iter(lambda: b, None)
         else:
-            w = T.resolve_workers(int(cfg["train"]["workers"] if workers is None else workers))
-            sampler = D.GlobalBatchSampler(lambda e: T.epoch_order(y, {"kind": "none", "power": 0}, 0, 0, e),
+            w = TD.resolve_workers(int(cfg["train"]["workers"] if workers is None else workers))
+            sampler = D.GlobalBatchSampler(lambda e: TD.epoch_order(y, {"kind": "none", "power": 0}, 0, 0, e),
                                            len(y), min(bs, len(y)), D.Dist())
-            dl = T._loader(ds, w, 0, batch_sampler=sampler)
+            dl = TD._loader(ds, w, 0, batch_sampler=sampler)
 
             def gen():
                 e = 0
                 while True:
                     sampler.set_epoch(e)
                     for batch in dl:
-                        yield T.to_device(batch, "cpu", channels_last)
+                        yield TD.to_device(batch, "cpu", channels_last)
                     e += 1
             batches = gen()
         n, t0 = 0, None

@@ -23,9 +23,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lib import backbones as B  # noqa: E402
-from lib.errors import PipelineError  # noqa: E402
-from lib.io import write_json  # noqa: E402
+from lib.core.errors import PipelineError  # noqa: E402
+from lib.core.io import write_json  # noqa: E402
+from lib.vision import backbones as B  # noqa: E402
 
 log = logging.getLogger("check_conversions")
 

@@ -42,10 +42,10 @@ import pandas as pd  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from lib.cache import read_rgb  # noqa: E402
-from lib.data import HAM_CLASSES, read_csv  # noqa: E402
-from lib.errors import PipelineError  # noqa: E402
-from lib.io import write_csv  # noqa: E402
+from lib.core.errors import PipelineError  # noqa: E402
+from lib.core.io import write_csv  # noqa: E402
+from lib.data.cache import read_rgb  # noqa: E402
+from lib.data.formats import HAM_CLASSES, read_csv  # noqa: E402
 from tools.split_common import per_class, pick, place_image  # noqa: E402
 
 log = logging.getLogger("make_ham_split")

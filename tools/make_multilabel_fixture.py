@@ -25,8 +25,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lib.errors import PipelineError  # noqa: E402
-from lib.io import write_csv  # noqa: E402
+from lib.core.errors import PipelineError  # noqa: E402
+from lib.core.io import write_csv  # noqa: E402
 
 log = logging.getLogger("make_multilabel_fixture")
 # condition -> (BGR colour, shape); prevalence differs per condition (some are rare)

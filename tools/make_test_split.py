@@ -22,12 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from lib.data import MILK_CLASSES, read_csv  # noqa: E402
-from lib.errors import PipelineError  # noqa: E402
-from lib.io import write_csv  # noqa: E402
+from lib.core.errors import PipelineError  # noqa: E402
+from lib.core.io import write_csv  # noqa: E402
+from lib.data.formats import MILK_CLASSES, read_csv  # noqa: E402
 from tools.split_common import per_class, pick, place_image  # noqa: E402
 
 log = logging.getLogger("make_test_split")

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from lib.errors import PipelineError  # noqa: E402
-from lib.io import ID, write_json  # noqa: E402
-from lib.metrics import official_score, score_table  # noqa: E402
+from lib.core.errors import PipelineError  # noqa: E402
+from lib.core.io import ID, write_json  # noqa: E402
+from lib.evaluation.metrics import official_score, score_table  # noqa: E402
 
 
 def _official(truth: pd.DataFrame, sub: pd.DataFrame, classes: list[str]) -> dict:

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from lib.cache import read_rgb
-from lib.errors import PipelineError
+from lib.core.errors import PipelineError
+from lib.data.cache import read_rgb
 
 
 def per_class(text: str | None) -> dict[str, int]:

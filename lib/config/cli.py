@@ -1,0 +1,61 @@
+"""The command line shared by every numbered script: flags -> overrides -> config; errors -> exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lib.config.load import load_config
+from lib.core.errors import PipelineError
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The CLI shared by every numbered script."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("-c", "--config", help="experiment YAML under configs/")
+    p.add_argument("--data", help="data root (sets data.root), e.g. ../shared/data/milk10k")
+    p.add_argument("--test-data", help="test release folder (sets data.test_root)")
+    p.add_argument("--output", help="output root (sets paths.output)")
+    p.add_argument("--exp", help="experiment name (sets exp)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=2")
+    return p
+
+
+def cli_config(argv: list[str] | None, description: str,
+               extra: list[tuple[tuple, dict]] | None = None) -> tuple[dict, argparse.Namespace]:
+    """Parse argv into (resolved config, namespace). Extra arguments: [((flags), kwargs)]."""
+    p = build_parser(description)
+    for flags, kw in extra or []:
+        p.add_argument(*flags, **kw)
+    ns = p.parse_intermixed_args(argv)  # overrides may come before or after flags
+    setup_logging(ns.verbose)
+    ov = list(ns.overrides)
+    for flag, key in (("data", "data.root"), ("test_data", "data.test_root"),
+                      ("output", "paths.output"), ("exp", "exp")):
+        val = getattr(ns, flag)
+        if val is not None:
+            ov.append(f"{key}={val}")
+    return load_config(ns.config, ov), ns
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_script(main_fn, argv: list[str] | None, description: str,
+               extra: list[tuple[tuple, dict]] | None = None) -> int:
+    """Entry point wrapper: user errors become one clear line and exit code 2."""
+    try:
+        cfg, ns = cli_config(argv, description, extra)
+        main_fn(cfg, **{k: v for k, v in vars(ns).items()
+                        if k not in ("config", "data", "test_data", "output", "exp", "verbose", "overrides")})
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue (finished work is reused; 02 takes --resume "
+              "to continue a half-finished fold)", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,121 @@
+"""Image cache: decode and resize each source image once (optional CLAHE / Shades of Gray), as JPEG."""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from lib.core.errors import PipelineError
+from lib.core.io import atomic_path
+from lib.core.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+def cache_tag(c: dict) -> str:
+    """Folder name that encodes every setting, so a changed setting never reuses stale files."""
+    if c["mode"] == "none":
+        return "original"
+    tag = f"{c['mode']}{c['size']}_q{c['quality']}"
+    return tag + ("_clahe" if c["clahe"] else "") + ("_sog" if c["color_constancy"] else "")
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image fully as RGB uint8; corrupt or truncated files raise PipelineError."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise PipelineError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise PipelineError(f"unreadable or corrupt image {path}: {e}") from None
+
+
+def shades_of_gray(img: np.ndarray, p: int = 6) -> np.ndarray:
+    """Shades of Gray color constancy (Finlayson & Trezzi), Minkowski norm p."""
+    x = img.astype(np.float32)
+    norm = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p)
+    gain = np.sqrt((norm ** 2).sum()) / (norm * np.sqrt(3) + 1e-6)
+    return np.clip(x * gain, 0, 255).astype(np.uint8)
+
+
+def clahe(img: np.ndarray, clip: float = 2.0, grid: int = 8) -> np.ndarray:
+    """CLAHE on the L channel of LAB."""
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid, grid)).apply(lab[..., 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """short_side: short side -> size, aspect kept; pad: long side -> size, centered on a square."""
+    h, w = img.shape[:2]
+    s = size / min(h, w) if mode == "short_side" else size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+    out = cv2.resize(img, (nw, nh), interpolation=interp)
+    if mode == "pad":
+        canvas = np.zeros((size, size, 3), np.uint8)
+        y0, x0 = (size - nh) // 2, (size - nw) // 2
+        canvas[y0:y0 + nh, x0:x0 + nw] = out
+        out = canvas
+    return out
+
+
+def process_one(src: str, dst: str, c: dict) -> str | None:
+    """Cache one image; returns an error message instead of raising (for the worker pool)."""
+    try:
+        if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
+            return None
+        img = read_rgb(src)
+        if c["color_constancy"]:
+            img = shades_of_gray(img)
+        if c["clahe"]:
+            img = clahe(img)
+        img = resize(img, int(c["size"]), c["mode"])
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, int(c["quality"])])
+        if not ok:
+            return f"{src}: JPEG encoding failed"
+        with atomic_path(dst) as tmp:
+            tmp.write_bytes(buf.tobytes())
+        return None
+    except PipelineError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - report any decoder failure with its file
+        return f"{src}: {type(e).__name__}: {e}"
+
+
+def _star(args: tuple) -> str | None:
+    return process_one(*args)
+
+
+def build_cache(jobs: list[tuple[str, str]], c: dict, workers: int = 0) -> None:
+    """Cache (src, dst) pairs in parallel with a progress bar; all errors reported together."""
+    if c["mode"] == "none" or not jobs:
+        return
+    workers = workers or (os.cpu_count() or 1)
+    args = [(s, d, c) for s, d in jobs]
+    errors: list[str] = []
+    bar = progress(len(args), "cache images", unit="img", mininterval=1.0)
+    if workers == 1:
+        it = map(_star, args)
+        for e in it:
+            bar.update()
+            if e:
+                errors.append(e)
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            for e in ex.map(_star, args, chunksize=16):
+                bar.update()
+                if e:
+                    errors.append(e)
+    bar.close()
+    if errors:
+        more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise PipelineError(f"{len(errors)} image(s) could not be cached: " + "; ".join(errors[:5]) + more)

@@ -1,0 +1,380 @@
+"""CV summaries (cv.json) and the run report (report.md + PNGs) a competitor looks at."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lib.core.errors import PipelineError
+from lib.core.io import ID, assert_same_ids, atomic_path, write_text
+from lib.evaluation import ensemble
+from lib.evaluation import metrics as M
+
+log = logging.getLogger(__name__)
+
+
+def oof_arrays(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Y one-hot, P probs, fold) aligned on lesion_id, in `train` order."""
+    assert_same_ids(train, oof, "OOF vs train")
+    o = oof.set_index(ID).loc[train[ID].to_numpy()]
+    return (train[[f"y_{c}" for c in classes]].to_numpy(float), o[classes].to_numpy(float),
+            train["fold"].to_numpy(int))
+
+
+def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task: str = "multiclass") -> dict:
+    """Macro F1 (= Dice) at 0.5 and at tuned thresholds (pooled, and honest: thresholds from the
+    other folds), per class and per fold; multiclass adds argmax F1 and balanced accuracy, binary
+    AUC and pAUC above 80% TPR (pooled and per fold), multilabel top-1 / top-3 accuracy."""
+    Y, P, folds = oof_arrays(train, oof, classes)
+    sp = ensemble.foldwise_threshold_spread(Y, P, folds, classes)
+    t = sp["pooled_thresholds"]
+    out: dict = {
+        "n": int(len(Y)), "task": task,
+        "macro_dice_05": float(M.macro_dice(Y, P)),
+        "macro_dice_tuned_pooled": float(sp["pooled_dice_tuned"]),
+        "macro_dice_tuned_cv": float(sp["cv_dice_pooled"]),
+        "thresholds": dict(zip(classes, map(float, t))),
+        "per_class_dice_tuned": dict(zip(classes, map(float, M.dice_per_class(Y, P, t)))),
+        "per_fold": sp["per_fold"].to_dict(orient="records"),
+    }
+    if task == "binary":
+        out["auc"] = float(M.macro_auc(Y, P)) if 0 < Y.sum() < len(Y) else float("nan")
+        out["pauc_80"] = float(M.partial_auc(Y[:, 0], P[:, 0]))
+        out["per_fold_pauc_80"] = [float(M.partial_auc(Y[folds == k, 0], P[folds == k, 0])) for k in np.unique(folds)]
+    if task == "multilabel":
+        out["top1_accuracy"] = float(M.topk_accuracy(Y, P, 1))
+        out["top3_accuracy"] = float(M.topk_accuracy(Y, P, min(3, len(classes))))
+    if task == "multiclass":
+        out["macro_f1_argmax"] = float(M.macro_f1_argmax(Y, P))
+        out["balanced_accuracy"] = float(M.balanced_accuracy(Y, P))
+        hot = ensemble.argmax_decisions(P)
+        out["per_class_f1_argmax"] = dict(zip(classes, map(float, M.dice_per_class(Y, hot))))
+        out["per_fold_f1_argmax"] = [float(M.macro_f1_argmax(Y[folds == k], P[folds == k]))
+                                     for k in np.unique(folds)]
+    try:
+        if task != "binary":  # binary: `auc` above
+            out["macro_auc"] = float(M.macro_auc(Y, P))
+    except ValueError:
+        pass
+    return out
+
+
+def log_cv(name: str, cv: dict) -> None:
+    if cv.get("task") == "binary":
+        log.info("%s OOF: AUC %.4f | pAUC above 80%% TPR %.4f (max 0.2) | Dice tuned honest-CV %.4f",
+                 name, cv.get("auc", float("nan")), cv["pauc_80"], cv["macro_dice_tuned_cv"])
+        return
+    if cv.get("task") == "multilabel":
+        log.info("%s OOF: macro F1 @0.5 %.4f | tuned pooled %.4f | tuned honest-CV %.4f | top-1 %.4f | top-3 %.4f",
+                 name, cv["macro_dice_05"], cv["macro_dice_tuned_pooled"], cv["macro_dice_tuned_cv"],
+                 cv["top1_accuracy"], cv["top3_accuracy"])
+        return
+    log.info("%s OOF: macro F1 argmax %.4f | Dice@0.5 %.4f | tuned pooled %.4f | tuned honest-CV %.4f",
+             name, cv.get("macro_f1_argmax", float("nan")), cv["macro_dice_05"],
+             cv["macro_dice_tuned_pooled"], cv["macro_dice_tuned_cv"])
+
+
+# ----------------------------------------------------------------------------- report.md + PNGs
+
+DECISIONS = ("argmax", "thresholds", "raw")
+HEADLINE = {  # cv key -> label, in report order
+    "macro_f1_argmax": "Macro F1 at argmax",
+    "macro_dice_05": "Macro Dice at 0.5",
+    "macro_dice_tuned_pooled": "Macro Dice, tuned thresholds, pooled (optimistic)",
+    "macro_dice_tuned_cv": "Macro Dice, tuned thresholds, honest CV",
+    "balanced_accuracy": "Balanced accuracy",
+    "macro_auc": "Macro AUC",
+    "auc": "AUC",
+    "pauc_80": "Partial AUC above 80% TPR (ISIC 2024 metric, max 0.2)",
+    "top1_accuracy": "Top-1 accuracy (top class is a true label)",
+    "top3_accuracy": "Top-3 accuracy",
+}
+MEMBER_METRICS = ("macro_f1_argmax", "macro_dice_tuned_cv", "macro_auc", "auc", "pauc_80")
+NOTE = (
+    "*Tuned pooled* thresholds are tuned and scored on the same pooled OOF rows, so that number is "
+    "optimistic. *Tuned honest-CV* scores each fold's rows with thresholds tuned on the **other** "
+    "folds only: the estimate to trust for the leaderboard. The confusion matrix (multiclass only) needs one label "
+    "per row: with `thresholds` the label is the argmax of p/t over the classes with p > t, or the "
+    "plain argmax when no class clears its threshold; per-class Dice and the score still use the "
+    "official rule (every class with p > t is positive, after baking t to 0.5).")
+
+
+def decide_labels(probs: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """One class index per row: the argmax of ``p``, or with ``thresholds`` the argmax of ``p / t``
+    among the classes with ``p > t`` (the plain argmax when no class clears its threshold)."""
+    P = M._f2(probs)
+    if thresholds is None:
+        return P.argmax(axis=1)
+    t = np.maximum(np.asarray(thresholds, dtype=np.float64), 1e-12)
+    ratio = np.where(P > t, P / t, -np.inf)
+    return np.where(np.isfinite(ratio).any(axis=1), ratio.argmax(axis=1), P.argmax(axis=1))
+
+
+def load_histories(output_root: Path, exps: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """``{"<exp>/foldK": history}`` from ``output_root/<exp>/fold*/history.csv`` where present
+    (folds in numeric order; empty or unreadable files are skipped with a warning)."""
+    out: dict[str, pd.DataFrame] = {}
+    for exp in exps:
+        dirs = [d for d in Path(output_root, exp).glob("fold*") if (d / "history.csv").is_file()]
+        for d in sorted(dirs, key=lambda d: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", d.name)]):
+            try:
+                df = pd.read_csv(d / "history.csv")
+            except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+                log.warning("skipping %s: %s", d / "history.csv", str(e).splitlines()[0])
+                continue
+            if len(df):
+                out[f"{exp}/{d.name}"] = df
+    return out
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    """Table cell: floats rounded, NaN/None as '-'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _member_metric(m: dict, key: str) -> Any:
+    """A member's metric, at top level or under its ``cv`` dict."""
+    return m.get(key, (m.get("cv") or {}).get(key))
+
+
+def _resolve_thresholds(thresholds: dict[str, float], cv: dict, classes: list[str],
+                        Y: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """The given thresholds; when empty, cv["thresholds"] or freshly tuned ones."""
+    th = thresholds or cv.get("thresholds") or {}
+    if not th:
+        return ensemble.tune_thresholds(Y, P)
+    missing = [c for c in classes if c not in th]
+    if missing:
+        raise PipelineError(f"write_report: thresholds lack classes {missing}")
+    return np.array([float(th[c]) for c in classes])
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Render a Figure to PNG atomically (Agg canvas attached here: no pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def _fig_confusion(Fig: Callable, Y: np.ndarray, lab: np.ndarray, classes: list[str],
+                   decision: str) -> Any:
+    k = len(classes)
+    has = Y.max(axis=1) > 0.5
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (Y[has].argmax(axis=1), lab[has]), 1)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = 1.0 + 0.75 * k
+    fig = Fig(figsize=(size + 1.5, size))
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), [f"{c} (n={n})" for c, n in zip(classes, cm.sum(axis=1))])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"OOF confusion, decision: {decision} (row-normalized, counts)")
+    return fig
+
+
+def _fig_f1(Fig: Callable, f1_arg: np.ndarray, dice_t: np.ndarray, support: np.ndarray,
+            classes: list[str]) -> Any:
+    k, x = len(classes), np.arange(len(classes))
+    fig = Fig(figsize=(max(6.0, 0.8 * k + 2), 4))
+    ax = fig.subplots()
+    if np.isfinite(f1_arg).any():
+        ax.bar(x - 0.2, f1_arg, 0.4, label=f"argmax (macro {f1_arg.mean():.3f})")
+    ax.bar(x + 0.2, dice_t, 0.4, label=f"tuned thresholds (macro {dice_t.mean():.3f})")
+    ax.set_xticks(x, [f"{c}\n(n={n})" for c, n in zip(classes, support)], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("F1 / Dice (OOF)")
+    ax.set_title("Per-class F1 on pooled OOF: argmax vs tuned thresholds (optimistic)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _fig_thresholds(Fig: Callable, Y: np.ndarray, P: np.ndarray, t: np.ndarray,
+                    classes: list[str]) -> Any:
+    grid = ensemble.threshold_grid()
+    k = len(classes)
+    ncol = min(4, k)
+    nrow = math.ceil(k / ncol)
+    fig = Fig(figsize=(3.2 * ncol, 2.5 * nrow))
+    axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).ravel()
+    for c, ax in enumerate(axes):
+        if c >= k:
+            ax.set_axis_off()
+            continue
+        curve = ensemble.dice_curve(Y[:, c], P[:, c], grid)
+        ax.plot(grid, curve, lw=1.3)
+        ax.axvline(0.5, color="grey", ls=":", lw=0.8)
+        at = M.dice_per_class(Y[:, [c]], P[:, [c]], t[c])[0]
+        ax.axvline(t[c], color="tab:red", lw=1)
+        ax.plot([t[c]], [at], "o", color="tab:red", ms=4)
+        ax.set_title(f"{classes[c]} (n={int((Y[:, c] > 0.5).sum())}) t={t[c]:.2f} Dice={at:.3f}",
+                     fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    fig.supxlabel("threshold")
+    fig.supylabel("Dice (OOF)")
+    return fig
+
+
+def _fig_training(Fig: Callable, histories: dict[str, pd.DataFrame]) -> Any | None:
+    panels = [("loss", ["train_loss", "val_loss"]), ("val macro F1", ["val_macro_f1"]), ("lr", ["lr"])]
+    panels = [(n, cols) for n, cols in panels if any(c in h for h in histories.values() for c in cols)]
+    if not histories or not panels:
+        return None
+    fig = Fig(figsize=(4.5 * len(panels), 3.5))
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    colors = [f"C{i % 10}" for i in range(len(histories))]
+    for ax, (title, cols) in zip(axes, panels):
+        for color, (name, h) in zip(colors, histories.items()):
+            x = h["epoch"] if "epoch" in h else np.arange(len(h))
+            present = [c for c in cols if c in h]
+            for col in present:
+                ax.plot(x, h[col], color=color, lw=1.2, label=name if col == present[0] else None,
+                        ls="--" if title == "loss" and col == "val_loss" else "-")
+        ax.set_title(title + (" (solid train, dashed val)" if title == "loss" else ""), fontsize=9)
+        ax.set_xlabel("epoch")
+        if title == "lr" and all((h["lr"] > 0).all() for h in histories.values() if "lr" in h):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def _per_fold_table(cv: dict) -> pd.DataFrame | None:
+    """Per-fold metrics (fold, f1_argmax?, dice_05, dice_infold, dice_cv) or None."""
+    if cv.get("per_fold") is None or not len(cv["per_fold"]):
+        return None
+    pf = pd.DataFrame(cv["per_fold"]).reset_index(drop=True)
+    for key, col in (("per_fold_f1_argmax", "f1_argmax"), ("per_fold_pauc_80", "pauc_80")):
+        v = cv.get(key)
+        if v is not None and len(v) == len(pf):
+            pf.insert(min(2, len(pf.columns)), col, np.asarray(v, dtype=float))
+    return pf
+
+
+def _fig_cv_spread(Fig: Callable, pf: pd.DataFrame) -> Any:
+    cols = [c for c in ("pauc_80", "f1_argmax", "dice_05", "dice_infold", "dice_cv") if c in pf]
+    labels = {"pauc_80": "pAUC\n(max 0.2)", "f1_argmax": "F1 argmax", "dice_05": "Dice@0.5", "dice_infold": "Dice tuned\nin-fold",
+              "dice_cv": "Dice tuned\nhonest"}
+    fig = Fig(figsize=(1.6 * len(cols) + 2, 3.8))
+    ax = fig.subplots()
+    offs = np.linspace(-0.15, 0.15, len(pf)) if len(pf) > 1 else np.zeros(1)
+    for i, c in enumerate(cols):
+        v = pf[c].to_numpy(float)
+        mu, sd = float(np.mean(v)), float(np.std(v))
+        ax.bar(i, mu, 0.6, color=f"C{i}", alpha=0.25)
+        ax.errorbar(i, mu, yerr=sd, color="black", capsize=5, lw=1)
+        ax.scatter(i + offs, v, color=f"C{i}", s=18, zorder=3)
+        ax.annotate(f"{mu:.3f}±{sd:.3f}", (i, mu + sd), textcoords="offset points", xytext=(0, 4),
+                    ha="center", fontsize=8)
+    ax.set_xticks(range(len(cols)), [labels[c] for c in cols], fontsize=8)
+    lo = float(pf[cols].to_numpy(float).min())
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.set_ylabel("macro score per fold")
+    ax.set_title(f"CV spread over {len(pf)} folds (dots: folds, bar: mean ± std)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], cv: dict,
+                 thresholds: dict[str, float], decision: str, members: list[dict],
+                 histories: dict[str, pd.DataFrame] | None, title: str, task: str = "multiclass") -> Path:
+    """Write ``folder/report.md`` and its PNGs in ``folder/report/``; returns the report path.
+
+    ``cv`` is a ``cv_summary`` dict; ``thresholds`` the tuned per-class thresholds (empty: those in
+    ``cv``); ``decision`` 'argmax', 'thresholds' or 'raw' (the rule used for the submission; raw =
+    blended probabilities as they are, binary tasks); ``task`` multiclass | multilabel | binary
+    (the confusion matrix and argmax F1 are multiclass only); ``members`` dicts with ``exp``, ``weight`` and optionally metrics (top level or under ``cv``);
+    ``histories`` ``{"<exp>/foldK": DataFrame(epoch, train_loss, val_loss, val_macro_f1, lr)}``
+    (any column may be missing; empty or None: no training-curves figure). Figures use
+    matplotlib's Agg canvas directly (no pyplot state); every file is written atomically and
+    figures not produced this time are removed so the folder matches the report.
+    """
+    from matplotlib.figure import Figure
+
+    if decision not in DECISIONS:
+        raise PipelineError(f"write_report: decision must be one of {DECISIONS}, got '{decision}'")
+    folder = Path(folder)
+    img_dir = folder / "report"
+    Y, P, _ = oof_arrays(train, oof, classes)
+    t = _resolve_thresholds(thresholds, cv, classes, Y, P)
+    support = (Y > 0.5).sum(axis=0).astype(int)
+    single_label = task == "multiclass"
+    f1_arg = (M.dice_per_class(Y, ensemble.argmax_decisions(P)) if single_label
+              else np.full(len(classes), np.nan))  # argmax is a single-label rule
+    dice_05 = M.dice_per_class(Y, P)
+    dice_t = M.dice_per_class(Y, P, t)
+    lab = decide_labels(P, t if decision == "thresholds" else None)
+    pf = _per_fold_table(cv)
+
+    figs = {"confusion.png": ("OOF confusion matrix", lambda: _fig_confusion(Figure, Y, lab, classes, decision)
+                              if single_label else None),
+            "f1_per_class.png": ("Per-class F1", lambda: _fig_f1(Figure, f1_arg, dice_t, support, classes)),
+            "threshold_curves.png": ("Dice vs threshold (red: chosen, dotted: 0.5)",
+                                     lambda: _fig_thresholds(Figure, Y, P, t, classes)),
+            "training_curves.png": ("Training curves", lambda: _fig_training(Figure, histories or {})),
+            "cv_spread.png": ("CV spread over folds", lambda: None if pf is None else _fig_cv_spread(Figure, pf))}
+    written: list[tuple[str, str]] = []
+    for name, (caption, make) in figs.items():
+        fig = make()
+        if fig is None:
+            (img_dir / name).unlink(missing_ok=True)
+            log.info("report: no data for %s, skipped", name)
+            continue
+        _save(fig, img_dir / name)
+        written.append((caption, name))
+
+    parts = [f"# {title}", "", f"OOF rows: {len(Y)}, classes: {len(classes)}, decision: **{decision}**", "",
+             "## Headline (OOF)", "",
+             _md_table(["metric", "value"], [[lbl, float(cv[k])] for k, lbl in HEADLINE.items() if k in cv]),
+             "", "## Decision and thresholds", "",
+             f"Decision used: **{decision}**" + {
+                "argmax": " (single label = argmax of p)",
+                "thresholds": " (per-class p > t, baked to 0.5 in the submission)",
+                "raw": " (blended probabilities submitted as they are"
+                       + (": the binary metric ranks them)" if task == "binary" else ")")}[decision],
+             "", _md_table(["class", "threshold"], [[c, float(x)] for c, x in zip(classes, t)]),
+             "", "## Members", ""]
+    if members:
+        mcols = [k for k in MEMBER_METRICS if any(_member_metric(m, k) is not None for m in members)]
+        parts.append(_md_table(["exp", "weight", *mcols],
+                               [[m.get("exp", "?"), m.get("weight"), *(_member_metric(m, k) for k in mcols)]
+                                for m in members]))
+    else:
+        parts.append("_no members listed_")
+    parts += ["", "## Per class (OOF)", "",
+              _md_table(["class", "support", "F1 argmax", "Dice@0.5", "Dice tuned", "threshold"],
+                        [[c, int(n), float(a), float(b), float(d), float(x)]
+                         for c, n, a, b, d, x in zip(classes, support, f1_arg, dice_05, dice_t, t)]),
+              "", "## Per fold", ""]
+    parts.append(_md_table(list(pf.columns), pf.to_numpy(object).tolist()) if pf is not None
+                 else "_no per-fold results_")
+    parts += ["", "## Notes", "", NOTE, "", "## Figures", ""]
+    parts += [f"### {cap}\n\n![{cap}](report/{name})\n" for cap, name in written]
+    out = write_text("\n".join(parts).rstrip() + "\n", folder / "report.md")
+    log.info("report written: %s (%d figures)", out, len(written))
+    return out

@@ -1,0 +1,99 @@
+"""Official-format submission files, validated with the official parser's rules before writing."""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.core.errors import PipelineError
+from lib.core.io import ID, write_text
+
+log = logging.getLogger(__name__)
+
+ID_COLUMN = {"milk10k": "lesion_id", "ham10000": "image", "isic2019": "image", "isic2024": "isic_id",
+             "generic": "lesion_id"}
+
+
+def id_column(fmt: str) -> str:
+    return ID_COLUMN.get(fmt, ID)
+
+
+def build_submission(probs: pd.DataFrame, classes: list[str], fmt: str, task: str,
+                     key: str | None = None) -> pd.DataFrame:
+    """`lesion_id` + class columns -> the challenge's layout (ISIC 2024: `isic_id,target`).
+    `key`: the id column's name (default: the format's; generic data: its own id column)."""
+    key = key or id_column(fmt)
+    out = pd.DataFrame({key: probs[ID].astype(str).to_numpy()})
+    if task == "binary" and fmt == "isic2024":
+        out["target"] = probs[classes[0]].to_numpy(dtype=np.float64)
+    else:
+        for c in classes:
+            out[c] = probs[c].to_numpy(dtype=np.float64)
+    return out
+
+
+def validate_submission(sub: pd.DataFrame, test_ids: list[str], columns: list[str], key: str) -> None:
+    """The official parser's rules: key column, unique ids, exactly the test ids, all columns,
+    float values in [0, 1], no NaN. Raises PipelineError naming the problem."""
+    if list(sub.columns) != [key, *columns]:
+        missing = sorted(set(columns) - set(sub.columns))
+        extra = sorted(set(sub.columns) - set(columns) - {key})
+        raise PipelineError(f"submission columns must be [{key}, {', '.join(columns)}]; "
+                            f"missing {missing}, extra {extra}")
+    ids = sub[key].astype(str)
+    if ids.duplicated().any():
+        raise PipelineError(f"submission has duplicate ids {ids[ids.duplicated()].unique()[:5].tolist()}")
+    want, got = set(map(str, test_ids)), set(ids)
+    if want != got:
+        raise PipelineError(f"submission ids differ from the test lesions: missing {sorted(want - got)[:5]}, "
+                            f"extra {sorted(got - want)[:5]}")
+    vals = sub[columns].to_numpy()
+    if not np.issubdtype(vals.dtype, np.floating):
+        raise PipelineError("submission values must be floats")
+    if np.isnan(vals).any():
+        raise PipelineError(f"submission has NaN for ids {ids[np.isnan(vals).any(1)].tolist()[:5]}")
+    bad = (vals < 0) | (vals > 1)
+    if bad.any():
+        raise PipelineError(f"submission values outside [0, 1] for ids {ids[bad.any(1)].tolist()[:5]}")
+
+
+def to_csv_text(sub: pd.DataFrame) -> str:
+    buf = io.StringIO()
+    sub.to_csv(buf, index=False)  # full precision: remapped values just above 0.5 must stay above
+    return buf.getvalue()
+
+
+def write_submission(sub: pd.DataFrame, test_ids: list[str], path: str | Path) -> Path:
+    """Validate, then write atomically; re-read the written text and validate again."""
+    key, cols = sub.columns[0], list(sub.columns[1:])
+    validate_submission(sub, test_ids, cols, key)
+    text = to_csv_text(sub)
+    back = pd.read_csv(io.StringIO(text), dtype={key: str})
+    validate_submission(back, test_ids, cols, key)
+    return write_text(text, path)
+
+
+# --------------------------------------------------------------------------- stage 05
+DECISIONS = ("auto", "thresholds", "argmax", "raw")
+
+
+def choose_decision(asked: str, task: str, cv: dict) -> str:
+    """The submission rule. `auto`: binary -> raw probabilities (the ISIC 2024 metric ranks them);
+    multilabel -> per-class thresholds; multiclass -> the better OOF of argmax and tuned thresholds
+    (honest CV). `argmax` is a single-label rule: refused for multilabel and binary tasks."""
+    if asked not in DECISIONS:
+        raise PipelineError(f"config: submit.decision '{asked}' unknown (one of {DECISIONS})")
+    if asked == "argmax" and task != "multiclass":
+        raise PipelineError(f"config: submit.decision 'argmax' needs a multiclass task; this one is {task}")
+    if asked != "auto":
+        return asked
+    if task == "binary":
+        return "raw"
+    if task == "multilabel":
+        return "thresholds"
+    return "thresholds" if cv["macro_dice_tuned_cv"] >= cv.get("macro_f1_argmax", -1.0) else "argmax"
+
+

@@ -1,0 +1,101 @@
+"""Stage 02: train the selected folds of an image model, then write the experiment's tables."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lib.core.artifacts import exp_dir, fold_dir, save_config
+from lib.core.errors import PipelineError
+from lib.core.io import ID, assert_same_ids, read_json, write_json, write_parquet
+from lib.core.runtime import torch_device
+from lib.data.dataset import load_dataset
+from lib.evaluation.report import cv_summary, log_cv
+from lib.training import distributed as D
+from lib.training.fold import fingerprint, train_fold
+from lib.training.inference import _table, probabilities
+
+log = logging.getLogger(__name__)
+
+
+def fold_done(cfg: dict, k: int) -> bool:
+    p = fold_dir(cfg, k) / "summary.json"
+    return p.exists() and read_json(p).get("fingerprint") == fingerprint(cfg) and (fold_dir(cfg, k) / "oof.parquet").exists()
+
+
+def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None) -> dict | None:
+    """Write `<exp>/oof.parquet`, `test.parquet` (probabilities) and cv.json once every fold is done."""
+
+    folds = sorted(int(f) for f in train["fold"].unique())
+    missing = [k for k in folds if not fold_done(cfg, k)]
+    if missing:
+        log.info("folds %s not done yet: experiment tables not written", missing)
+        return None
+    classes, task = list(info["classes"]), info.get("task", "multiclass")
+    parts, tests, sums = [], [], []
+    for k in folds:
+        o = pd.read_parquet(fold_dir(cfg, k) / "oof.parquet")
+        assert_same_ids(o, train[train["fold"] == k], f"fold {k} OOF vs fold rows")
+        parts.append(o)
+        sums.append(read_json(fold_dir(cfg, k) / "summary.json"))
+        if test is not None:
+            t = pd.read_parquet(fold_dir(cfg, k) / "test_logits.parquet")
+            assert_same_ids(t, test, f"fold {k} test logits vs test", ordered=True)
+            tests.append(probabilities(t[classes].to_numpy(), task))
+    oof = pd.concat(parts, ignore_index=True).set_index(ID).loc[train[ID].to_numpy()].reset_index()
+    assert_same_ids(oof, train, "OOF vs train", ordered=True)
+    oof_p = _table(oof[ID], probabilities(oof[classes].to_numpy(), task), classes)
+    root = exp_dir(cfg)
+    write_parquet(oof_p, root / "oof.parquet")
+    if test is not None:
+        write_parquet(_table(test[ID], np.mean(tests, 0), classes), root / "test.parquet")
+    cv = cv_summary(train, oof_p, classes, task)
+    es_used = any(s["early_stopping_used"] for s in sums)
+    cv["training"] = {"model": cfg["train"]["model"]["kind"], "fusion": cfg["train"]["model"]["fusion"],
+                      "epochs": cfg["train"]["epochs"], "img_size": cfg["train"]["img_size"],
+                      "early_stopping_used": es_used,
+                      "note": "OOF taken at the best validation epoch: optimistic" if es_used else
+                      "fixed epochs; OOF from the last/EMA weights",
+                      "weights_for_oof": sorted({s["weights_for_oof"] for s in sums}),
+                      "views": sums[0]["views"], "fold_seconds": [s["seconds"] for s in sums]}
+    write_json(cv, root / "cv.json")
+    save_config(cfg, root)
+    log_cv(str(cfg["exp"]), cv)
+    return cv
+
+
+def selected_folds(cfg: dict, train: pd.DataFrame, fold: int | None) -> list[int]:
+    present = sorted(int(f) for f in train["fold"].unique())
+    sel = cfg["train"]["folds"]
+    ks = [fold] if fold is not None else (present if sel == "all" else [int(f) for f in
+                                                                     ([sel] if isinstance(sel, int) else sel)])
+    bad = [f for f in ks if f not in present]
+    if bad:
+        raise PipelineError(f"fold(s) {bad} do not exist: folds.csv has folds {present}")
+    return ks
+
+
+def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: int | None = None) -> None:
+    """Stage 02: train the selected folds (one process, or all ranks of a torchrun group), then write
+    the experiment tables when every fold is done."""
+
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    device = torch_device(cfg)
+    info, train, test = load_dataset(cfg)
+    ks = selected_folds(cfg, train, fold)
+    d = D.setup(device)
+    try:
+        for k in ks:
+            if fold_done(cfg, k):
+                log.info("fold %d already done with this config (%s): skipped", k, fold_dir(cfg, k))
+                continue
+            if train_fold(cfg, info, train, test, k, resume=resume, d=d, stop_after=stop_after) is None:
+                return
+        if d.main:
+            aggregate(cfg, info, train, test)
+            save_config(cfg, exp_dir(cfg))
+    finally:
+        D.cleanup(d)

@@ -1,0 +1,401 @@
+"""Leak-free nested stacking on a fixed fold assignment.
+
+For each outer fold k the rows with `fold == k` are the validation fold; everything fitted while
+predicting them (per-block StandardScaler+PCA, every head, the early-stopping inner split) sees
+only the rows with `fold != k`. Test predictions are averaged over folds (and seeds).
+
+Heads (cfg `heads`):
+- `xgb`  : one binary XGBoost per class, scale_pos_weight = neg/pos, early stopping on an inner
+           stratified split carved from the training fold.
+- `lgbm` : same with LightGBM (scale_pos_weight = neg/pos).
+- `lr`   : multinomial logistic regression (per-class binary when `renorm` is False) on
+           median-imputed, standardized features, class_weight from cfg.
+Per-class binary probabilities are renormalized across classes when `renorm` (multiclass task);
+heads are averaged with `head_weights`. A class with no positives (or no negatives) in a training
+fold gets a constant smoothed prior and a warning.
+
+All matrices handed to scalers, PCA and models are DataFrames indexed by `lesion_id`, so tests can
+verify the provenance of every fit.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from lightgbm import LGBMClassifier, early_stopping
+from sklearn.decomposition import PCA
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from xgboost import XGBClassifier
+
+from lib.config.schema import STACK_DEFAULTS
+from lib.core.errors import PipelineError
+from lib.core.io import ID, assert_unique_ids
+from lib.core.progress import progress
+
+log = logging.getLogger(__name__)
+
+HEADS = ("xgb", "lgbm", "lr")
+TREE_HEADS = ("xgb", "lgbm")
+_LGBM_EVAL_XY = "eval_X" in inspect.signature(LGBMClassifier.fit).parameters  # lightgbm >= 4.6
+
+
+@dataclass
+class StackResult:
+    """Stacking outputs; prediction tables are `lesion_id` + one column per class."""
+
+    oof: pd.DataFrame
+    test: pd.DataFrame | None
+    per_head_oof: dict[str, pd.DataFrame]
+    per_head_test: dict[str, pd.DataFrame]
+    importance: pd.DataFrame          # feature, class, head, gain (mean over folds and seeds)
+    fold_of: pd.Series                # lesion_id -> fold
+
+
+# ----------------------------------------------------------------------------- config / checks
+def _merge(base: dict, over: dict, where: str = "stack") -> dict:
+    """Deep-merge `over` into a copy of `base`. Unknown top-level keys are ignored (they belong to
+    the config section owned by lib.config); unknown keys inside a head's dict are errors."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if k not in base:
+            if where != "stack":
+                raise PipelineError(f"config: unknown key '{where}.{k}'")
+            continue
+        out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) and isinstance(v, dict) else v
+    return out
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU (torch imported lazily, may be absent), else 'cpu'."""
+    if device != "auto":
+        return device
+    try:
+        import torch  # noqa: PLC0415
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # torch missing or broken: CPU
+        return "cpu"
+
+
+def _check_inputs(train: pd.DataFrame, test: pd.DataFrame | None, blocks: dict[str, list[str]],
+                  classes: list[str], cfg: dict) -> tuple[list[str], list[str]]:
+    """Validate everything; return (feature columns, names of PCA blocks)."""
+    assert_unique_ids(train, "stack train")
+    ycols = [f"y_{c}" for c in classes]
+    missing = [c for c in ["fold", *ycols] if c not in train.columns]
+    if missing:
+        raise PipelineError(f"stack train: missing columns {missing}")
+    fold = pd.to_numeric(train["fold"], errors="coerce")
+    if fold.isna().any() or (fold != fold.round()).any() or (fold < 0).any():
+        bad = train.loc[fold.isna() | (fold < 0) | (fold != fold.round()), ID].head(3).tolist()
+        raise PipelineError(f"stack train: every row needs one fold >= 0, bad rows e.g. {bad}")
+    k = int(fold.max()) + 1
+    if k < 2 or set(fold.astype(int)) != set(range(k)):
+        raise PipelineError(f"stack train: folds must be 0..K-1 with K >= 2, got {sorted(set(fold.astype(int)))}")
+    y = train[ycols].to_numpy(float)
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise PipelineError(f"stack train: label columns {ycols} must be 0/1")
+    if cfg["renorm"] and not (y.sum(1) == 1).all():
+        bad = train.loc[y.sum(1) != 1, ID].head(3).tolist()
+        raise PipelineError(f"stack train: multiclass labels need exactly one 1 per row, e.g. {bad}")
+
+    if not blocks or any(not cols for cols in blocks.values()):
+        raise PipelineError("stack: feature_blocks must be a non-empty dict of non-empty column lists")
+    feats = [c for cols in blocks.values() for c in cols]
+    dup = sorted({c for c in feats if feats.count(c) > 1})
+    if dup:
+        raise PipelineError(f"stack: columns in more than one feature block: {dup[:5]}")
+    leak = [c for c in feats if str(c).startswith("y_") or c in ("label", "fold", ID)]
+    if leak:
+        raise PipelineError(f"stack: label-like columns among features: {leak}")
+    for what, df in (("train", train), ("test", test)):
+        if df is None:
+            continue
+        absent = [c for c in feats if c not in df.columns]
+        if absent:
+            raise PipelineError(f"stack {what}: missing feature columns {absent[:5]} ({len(absent)} in all)")
+        nonnum = [c for c in feats if not (pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))]
+        if nonnum:
+            raise PipelineError(f"stack {what}: non-numeric feature columns {nonnum[:5]}")
+    if test is not None:
+        assert_unique_ids(test, "stack test")
+        both = set(train[ID].astype(str)) & set(test[ID].astype(str))
+        if both:
+            log.warning("stack: %d lesion_ids are in both train and test, e.g. %s", len(both), sorted(both)[:3])
+
+    heads = cfg["heads"]
+    if not heads or set(heads) - set(HEADS) or len(set(heads)) != len(heads):
+        raise PipelineError(f"config: stack.heads must be distinct names from {list(HEADS)}, got {heads}")
+    hw = cfg["head_weights"]
+    if hw is not None and (set(hw) != set(heads) or any(w < 0 for w in hw.values()) or sum(hw.values()) <= 0):
+        raise PipelineError(f"config: stack.head_weights must give a weight >= 0 to each of {heads}, got {hw}")
+    if cfg["imbalance"] not in ("balanced", "none"):
+        raise PipelineError(f"config: stack.imbalance must be balanced|none, got {cfg['imbalance']!r}")
+    if not cfg["seeds"]:
+        raise PipelineError("config: stack.seeds must not be empty")
+    pb = cfg["pca_blocks"]
+    pca_blocks = [b for b in blocks if b.startswith("emb")] if pb == "auto" else list(pb or [])
+    unknown = [b for b in pca_blocks if b not in blocks]
+    if unknown:
+        raise PipelineError(f"config: stack.pca_blocks {unknown} not among feature blocks {list(blocks)}")
+    return feats, pca_blocks
+
+
+# ----------------------------------------------------------------------------- fold features
+def _fold_features(xtr: pd.DataFrame, others: list[pd.DataFrame], blocks: dict[str, list[str]],
+                   pca_blocks: list[str], n_comp: int) -> tuple[list[pd.DataFrame], list[str]]:
+    """Fit per-block imputer+scaler+PCA on the training fold `xtr` only; transform it and `others`.
+
+    Returns the matrices (training fold first, columns f0..fN, index lesion_id) and feature names.
+    """
+    parts: list[list[pd.DataFrame]] = [[] for _ in range(1 + len(others))]
+    names: list[str] = []
+    for name, cols in blocks.items():
+        if name in pca_blocks:
+            n = max(1, min(n_comp, len(cols), len(xtr) - 1))
+            red = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True),
+                                StandardScaler(), PCA(n_components=n, random_state=0)).set_output(transform="pandas")
+            red.fit(xtr[cols])
+            outs = [red.transform(d[cols]) for d in [xtr, *others]]
+            names += [f"{name}_pc{i}" for i in range(n)]
+        else:
+            outs = [d[cols] for d in [xtr, *others]]
+            names += list(cols)
+        for p, o in zip(parts, outs):
+            p.append(pd.DataFrame(o.to_numpy(np.float64), index=o.index))
+    mats = []
+    for p in parts:
+        m = pd.concat(p, axis=1)
+        m.columns = [f"f{i}" for i in range(m.shape[1])]  # safe names for xgboost / lightgbm
+        mats.append(m)
+    return mats, names
+
+
+def _inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
+                 groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (positive/negative) split of training-fold positions into (fit, early-stop valid).
+
+    Each label group with >= 2 rows gives at least one row to the valid part and keeps at least one.
+    With `groups` (patients / lesions) whole groups go to one side, stratified on "has a positive".
+    """
+    if groups is not None:
+        ug, inv = np.unique(np.asarray(groups), return_inverse=True)
+        gy = np.zeros(len(ug))
+        np.maximum.at(gy, inv, y)
+        _, gval = _inner_split(gy, frac, rng)
+        mask = np.isin(inv, gval)
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+    valid = [rng.choice(g, min(len(g) - 1, max(1, round(frac * len(g)))), replace=False)
+             for g in (np.flatnonzero(y == 1), np.flatnonzero(y == 0)) if len(g) >= 2]
+    mask = np.zeros(len(y), bool)
+    if valid:
+        mask[np.concatenate(valid)] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def _renorm(p: np.ndarray) -> np.ndarray:
+    s = p.sum(1, keepdims=True)
+    return np.where(s > 1e-12, p / np.maximum(s, 1e-12), 1.0 / p.shape[1])
+
+
+# ----------------------------------------------------------------------------- heads
+def _make_booster(head: str, hp: dict, seed: int, device: str, spw: float, n_est: int, es: int | None):
+    if head == "xgb":
+        return XGBClassifier(
+            n_estimators=n_est, learning_rate=hp["learning_rate"], max_depth=hp["max_depth"],
+            subsample=hp["subsample"], colsample_bytree=hp["colsample_bytree"],
+            min_child_weight=hp["min_child_weight"], reg_lambda=hp["reg_lambda"], tree_method="hist",
+            device=device, n_jobs=hp["n_jobs"], random_state=seed, scale_pos_weight=spw,
+            eval_metric="logloss", early_stopping_rounds=es)
+    return LGBMClassifier(
+        n_estimators=n_est, learning_rate=hp["learning_rate"], num_leaves=hp["num_leaves"],
+        min_child_samples=hp["min_child_samples"], subsample=hp["subsample"], subsample_freq=1,
+        colsample_bytree=hp["colsample_bytree"], reg_lambda=hp["reg_lambda"], scale_pos_weight=spw,
+        random_state=seed, n_jobs=hp["n_jobs"], verbose=-1)
+
+
+def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: list[pd.DataFrame],
+                seed: int, device: str, balanced: bool, tag: str,
+                groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """One binary booster on the training fold; returns P(positive) for each of `xpred` and gains.
+    `groups` (row-aligned with `xtr`): the early-stopping split keeps each group on one side."""
+    n, pos = len(y), int(y.sum())
+    if pos in (0, n):
+        prior = (pos + 0.5) / (n + 1.0)
+        log.warning("stack %s %s: %d positives of %d in the training fold; constant prior %.4f",
+                    head, tag, pos, n, prior)
+        return [np.full(len(x), prior) for x in xpred], np.zeros(xtr.shape[1])
+    rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
+    fit_i, es_i = _inner_split(y, hp["inner_valid_frac"], rng, groups)
+    if y[es_i].sum() == 0 or y[es_i].sum() == len(es_i):  # cannot early-stop on one label
+        log.warning("stack %s %s: %d positive(s) only; no early stopping, %d rounds",
+                    head, tag, pos, min(hp["n_estimators"], hp["fallback_rounds"]))
+        fit_i, es_i, n_est, es = np.arange(n), None, min(hp["n_estimators"], hp["fallback_rounds"]), None
+    else:
+        n_est, es = hp["n_estimators"], hp["early_stopping_rounds"]
+    yf = y[fit_i]
+    spw = float((yf == 0).sum() / max(yf.sum(), 1)) if balanced else 1.0
+    m = _make_booster(head, hp, seed, device, spw, n_est, es)
+    xf = xtr.iloc[fit_i]
+    if head == "xgb":
+        ev = None if es_i is None else [(xtr.iloc[es_i], y[es_i])]
+        m.fit(xf, yf, eval_set=ev, verbose=False)
+        booster = m.get_booster() if es is None else m.get_booster()[: m.best_iteration + 1]
+        score = booster.get_score(importance_type="total_gain")
+        gain = np.array([score.get(c, 0.0) for c in xtr.columns])
+    else:
+        kw: dict[str, Any] = {}
+        if es_i is not None:
+            xe, ye = xtr.iloc[es_i], y[es_i]
+            kw = {**({"eval_X": (xe,), "eval_y": (ye,)} if _LGBM_EVAL_XY else {"eval_set": [(xe, ye)]}),
+                  "eval_metric": "binary_logloss", "callbacks": [early_stopping(es, verbose=False)]}
+        m.fit(xf, yf, **kw)
+        gain = m.booster_.feature_importance(importance_type="gain").astype(float)
+    return [m.predict_proba(x)[:, 1] for x in xpred], gain
+
+
+def _tree_head(head: str, xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg: dict,
+               device: str, fold: int, classes: list[str], bar: Any,
+               groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-class binary boosters averaged over seeds; returns class probs per `xpred` and gains (C, F)."""
+    seeds, c_n = cfg["seeds"], ytr.shape[1]
+    preds = [np.zeros((len(x), c_n)) for x in xpred]
+    gains = np.zeros((c_n, xtr.shape[1]))
+    for seed in seeds:
+        for c in range(c_n):
+            ps, g = _fit_binary(head, cfg[head], xtr, ytr[:, c], xpred, seed, device,
+                                cfg["imbalance"] == "balanced", f"fold{fold}/{classes[c]}/seed{seed}", groups)
+            for out, p in zip(preds, ps):
+                out[:, c] += p / len(seeds)
+            gains[c] += g / len(seeds)
+            bar.update()
+    return ([_renorm(p) for p in preds] if cfg["renorm"] else preds), gains
+
+
+def _lr_pipe(hp: dict):
+    lr = LogisticRegression(C=hp["C"], class_weight=hp["class_weight"], max_iter=hp["max_iter"])
+    return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
+                         lr).set_output(transform="pandas")
+
+
+def _lr_head(xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg: dict,
+             fold: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Logistic regression on the training fold; multinomial if `renorm`, else one binary per class."""
+    hp, c_n = cfg["lr"], ytr.shape[1]
+    preds = [np.zeros((len(x), c_n)) for x in xpred]
+    gains = np.zeros((c_n, xtr.shape[1]))
+    targets = [ytr.argmax(1)] if cfg["renorm"] else [ytr[:, c] for c in range(c_n)]
+    for c, y in enumerate(targets):
+        present = np.unique(y)
+        if len(present) < 2:
+            prior = (ytr.sum(0) + 0.5) / (len(ytr) + 1.0) if cfg["renorm"] else (y.sum() + 0.5) / (len(y) + 1.0)
+            log.warning("stack lr fold%d: single label in training fold; constant prior", fold)
+            for out in preds:
+                if cfg["renorm"]:
+                    out[:] = prior
+                else:
+                    out[:, c] = prior
+            continue
+        pipe = _lr_pipe(hp).fit(xtr, y)
+        est = pipe[-1]
+        coef = np.abs(est.coef_)
+        if cfg["renorm"]:
+            cls = est.classes_.astype(int)
+            if len(cls) < c_n:
+                log.warning("stack lr fold%d: classes absent from training fold get 0: %s",
+                            fold, sorted(set(range(c_n)) - set(cls)))
+            for out, x in zip(preds, xpred):
+                out[:, cls] = pipe.predict_proba(x)
+            gains[cls] = coef if len(coef) == len(cls) else coef[0]
+        else:
+            for out, x in zip(preds, xpred):
+                out[:, c] = pipe.predict_proba(x)[:, 1]
+            gains[c] = coef[0]
+    return preds, gains
+
+
+# ----------------------------------------------------------------------------- main entry
+def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_blocks: dict[str, list[str]],
+                      classes: list[str], cfg: dict | None = None) -> StackResult:
+    """Nested stacking on the fixed `fold` column of `train` (see the module docstring). An optional
+    `group` column (patients / lesions) keeps each group on one side of the inner early-stopping split.
+
+    `cfg` is the `stack` config section (partial dicts are merged over STACK_DEFAULTS).
+    """
+    cfg = _merge(STACK_DEFAULTS, cfg or {})
+    feats, pca_blocks = _check_inputs(train, test, feature_blocks, classes, cfg)
+    heads, c_n = list(cfg["heads"]), len(classes)
+    hw = cfg["head_weights"] or {h: 1.0 for h in heads}
+    w = {h: hw[h] / sum(hw[h] for h in heads) for h in heads}
+    device = resolve_device(cfg["xgb"]["device"]) if "xgb" in heads else "cpu"
+    ids = train[ID].astype(str).to_numpy()
+    x_all = pd.DataFrame(train[feats].to_numpy(np.float64), index=pd.Index(ids, name=ID), columns=feats)
+    x_te = None if test is None else pd.DataFrame(
+        test[feats].to_numpy(np.float64), index=pd.Index(test[ID].astype(str).to_numpy(), name=ID), columns=feats)
+    y_all = train[[f"y_{c}" for c in classes]].to_numpy(float)
+    folds = train["fold"].astype(int).to_numpy()
+    groups = train["group"].astype(str).to_numpy() if "group" in train.columns else None
+    n_folds = folds.max() + 1
+    oof = {h: np.full((len(train), c_n), np.nan) for h in heads}
+    tst = {h: np.zeros((0 if x_te is None else len(x_te), c_n)) for h in heads}
+    imp: list[pd.DataFrame] = []
+    n_tree = sum(h in TREE_HEADS for h in heads)
+    log.info("stack: %d rows, %d folds, %d features in %d blocks (PCA: %s), heads %s, device %s",
+             len(train), n_folds, len(feats), len(feature_blocks), pca_blocks, heads, device)
+    with progress(n_folds * len(cfg["seeds"]) * c_n * n_tree, "stack", unit="fit") as bar:
+        for k in range(n_folds):
+            va = folds == k
+            others = [x_all[va]] + ([] if x_te is None else [x_te])
+            (xtr, *xpred), names = _fold_features(x_all[~va], others, feature_blocks, pca_blocks,
+                                                  cfg["pca_components"])
+            for h in heads:
+                if h in TREE_HEADS:
+                    preds, gains = _tree_head(h, xtr, y_all[~va], xpred, cfg, device, k, classes, bar,
+                                              None if groups is None else groups[~va])
+                else:
+                    preds, gains = _lr_head(xtr, y_all[~va], xpred, cfg, k)
+                oof[h][va] = preds[0]
+                if x_te is not None:
+                    tst[h] += preds[1] / n_folds
+                imp.append(pd.DataFrame({"feature": np.tile(names, c_n), "class": np.repeat(classes, len(names)),
+                                         "head": h, "gain": gains.ravel(), "fold": k}))
+            p = sum(w[h] * oof[h][va] for h in heads)
+            yt = y_all[va]
+            f1 = (f1_score(yt.argmax(1), p.argmax(1), labels=range(c_n), average="macro", zero_division=0)
+                  if cfg["renorm"] else  # per-class F1 of the positives at > 0.5 (binary: the positive class)
+                  float(np.mean([f1_score(yt[:, c], p[:, c] > 0.5, zero_division=0) for c in range(c_n)])))
+            log.info("stack fold %d: %d train / %d valid rows, macro F1 %.4f", k, (~va).sum(), va.sum(), f1)
+
+    def table(p: np.ndarray, rid: np.ndarray) -> pd.DataFrame:
+        return pd.concat([pd.DataFrame({ID: rid}), pd.DataFrame(p, columns=classes)], axis=1)
+
+    blend_oof = sum(w[h] * oof[h] for h in heads)
+    blend_te = None if x_te is None else sum(w[h] * tst[h] for h in heads)
+    if cfg["renorm"]:
+        blend_oof = _renorm(blend_oof)
+        blend_te = None if blend_te is None else _renorm(blend_te)
+    te_ids = None if x_te is None else x_te.index.to_numpy()
+    importance = (pd.concat(imp).groupby(["feature", "class", "head"], sort=False, as_index=False)["gain"].mean()
+                  .sort_values(["head", "class", "gain"], ascending=[True, True, False], ignore_index=True))
+    return StackResult(
+        oof=table(blend_oof, ids),
+        test=None if x_te is None else table(blend_te, te_ids),
+        per_head_oof={h: table(oof[h], ids) for h in heads},
+        per_head_test={} if x_te is None else {h: table(tst[h], te_ids) for h in heads},
+        importance=importance,
+        fold_of=pd.Series(folds, index=pd.Index(ids, name=ID), name="fold"),
+    )
+
+
+# --------------------------------------------------------------------------- stage 04
+
+

@@ -1,0 +1,49 @@
+"""Test-time augmentation views by name: the 8 dihedral transforms of a batch [B, C, H, W]."""
+from __future__ import annotations
+
+import torch
+
+from lib.core.errors import PipelineError
+
+DIHEDRAL = ["id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
+ALIASES = {"all8": DIHEDRAL, "flips": ["id", "hflip", "vflip", "rot180"], "none": ["id"]}
+
+
+def parse_views(names: list[str] | str) -> list[str]:
+    """Expand aliases (`all8`, `flips`, `none`) and check names; order kept, duplicates dropped."""
+    out: list[str] = []
+    for n in [names] if isinstance(names, str) else names:
+        for v in ALIASES.get(n, [n]):
+            if v not in DIHEDRAL:
+                raise PipelineError(f"unknown TTA view '{v}' (known: {DIHEDRAL} or {list(ALIASES)})")
+            if v not in out:
+                out.append(v)
+    return out or ["id"]
+
+
+def apply_view(x: torch.Tensor, view: str) -> torch.Tensor:
+    """Apply one dihedral view to the last two (spatial) dims."""
+    if view == "id":
+        return x
+    if view == "hflip":
+        return x.flip(-1)
+    if view == "vflip":
+        return x.flip(-2)
+    if view == "rot90":
+        return x.rot90(1, (-2, -1))
+    if view == "rot180":
+        return x.rot90(2, (-2, -1))
+    if view == "rot270":
+        return x.rot90(3, (-2, -1))
+    if view == "transpose":
+        return x.transpose(-2, -1)
+    if view == "antitranspose":
+        return x.rot90(2, (-2, -1)).transpose(-2, -1)
+    raise PipelineError(f"unknown TTA view '{view}'")
+
+
+@torch.no_grad()
+def tta_forward(fn, x: torch.Tensor, views: list[str], reduce: str = "mean") -> torch.Tensor:
+    """Run `fn` on each view of `x`; mean over views ([B, ...]) or stacked ([V, B, ...])."""
+    outs = torch.stack([fn(apply_view(x, v)) for v in views])
+    return outs.mean(0) if reduce == "mean" else outs

@@ -1,0 +1,84 @@
+"""End to end: the numbered scripts 01 -> 05 on the shipped sample (tiny models), then the official
+scorer on the held-out labels; and a bad run that must stop cleanly."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = "configs/milk10k_sample"
+TINY_ENC = "features.encoders=[{name: lite0, arch: test_efficientnet, weights: null, size: 64}]"
+TINY_TRAIN = ["train.model.arch=test_efficientnet", "train.model.weights=null", "train.img_size=64",
+              "train.epochs=1", "train.batch_size=16"]
+
+
+def _run(args: list[str], out: Path, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *args, "--output", str(out), "cache.size=96", "threads=2"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("e2e")
+    _run(["01_preprocess.py", "-c", f"{SAMPLE}/base.yaml"], out)
+    _run(["02_train_fold.py", "-c", f"{SAMPLE}/train_fusion.yaml", *TINY_TRAIN], out)
+    _run(["03_extract_features.py", "-c", f"{SAMPLE}/stack.yaml", TINY_ENC], out)
+    _run(["04_stack.py", "-c", f"{SAMPLE}/stack.yaml", TINY_ENC, "stack.xgb.n_estimators=20",
+          "stack.pca_components=8"], out)
+    _run(["05_submit.py", "-c", f"{SAMPLE}/submit.yaml"], out)
+    return out
+
+
+def test_submission_is_official_format_for_every_test_lesion(pipeline: Path) -> None:
+    sub = pd.read_csv(pipeline / "sample_submit/submission.csv", dtype={"lesion_id": str})
+    test_ids = pd.read_csv(ROOT / "input/milk10k_sample/MILK10k_Test_Metadata.csv")["lesion_id"].unique()
+    classes = ["AKIEC", "BCC", "BEN_OTH", "BKL", "DF", "INF", "MAL_OTH", "MEL", "NV", "SCCKA", "VASC"]
+    assert list(sub.columns) == ["lesion_id", *classes]
+    assert sorted(sub["lesion_id"]) == sorted(test_ids)
+    v = sub[classes].to_numpy()
+    assert ((v >= 0) & (v <= 1)).all()
+    thr = json.loads((pipeline / "sample_submit/thresholds.json").read_text())
+    assert thr["decision"] in ("argmax", "thresholds")
+    if thr["decision"] == "argmax":  # exactly one class above 0.5 per lesion
+        assert ((v > 0.5).sum(1) == 1).all()
+
+
+def test_every_stage_left_its_artifacts_and_config(pipeline: Path) -> None:
+    for f in ["prep/milk10k_sample/folds.csv", "sample_fusion/oof.parquet", "sample_fusion/test.parquet",
+              "sample_fusion/fold0/history.csv", "sample_fusion/cv.json", "sample_stack/features/lite0_train.parquet",
+              "sample_stack/oof.parquet", "sample_stack/test.parquet", "sample_stack/cv.json",
+              "sample_stack/config.yaml", "sample_submit/report.md", "sample_submit/config.yaml",
+              "sample_submit/cv.json"]:
+        assert (pipeline / f).exists(), f
+    cv = json.loads((pipeline / "sample_stack/cv.json").read_text())
+    assert "oof_sample_fusion" in cv["blocks"] and 0 <= cv["macro_f1_argmax"] <= 1
+
+
+def test_official_scorer_accepts_the_submission(pipeline: Path) -> None:
+    pytest.importorskip("isic_challenge_scoring")
+    p = subprocess.run([sys.executable, "tools/score_submission.py", "--truth",
+                        "input/milk10k_sample/held_out/MILK10k_Test_GroundTruth.csv", "--submission",
+                        str(pipeline / "sample_submit/submission.csv"), "--json", str(pipeline / "score.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((pipeline / "score.json").read_text())
+    assert abs(res["official"]["macro_dice"] - res["ours"]["macro_dice"]) < 1e-9
+
+
+def test_bad_member_stops_with_one_line_and_no_submission(pipeline: Path) -> None:
+    p = _run(["05_submit.py", "-c", f"{SAMPLE}/submit.yaml", "--exp", "bad_submit",
+              "submit.members=[no_such_exp]"], pipeline, check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
+    assert "no_such_exp" in p.stderr
+    assert not (pipeline / "bad_submit/submission.csv").exists()

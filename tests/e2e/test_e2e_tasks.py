@@ -1,0 +1,93 @@
+"""End to end for the other tasks, by configuration only: the numbered scripts 01 -> 05 and the
+scorer on HAM10000 single-image multiclass (ISIC 2019 submission format), ISIC 2024-style binary
+triage (built from HAM10000) and the SCIN-style multi-label fixture, with tiny models."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_ENC = "features.encoders=[{name: lite0, arch: test_efficientnet, weights: null, size: 64}]"
+TINY_TRAIN = ["train.model.arch=test_efficientnet", "train.model.weights=null", "train.img_size=64",
+              "train.epochs=1", "train.batch_size=16"]
+FAST = ["cache.size=96", "threads=2", "folds.n_splits=3"]
+
+
+def _run(args: list[str], out: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *args, "--output", str(out), *FAST, *extra]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def _pipeline(recipe: str, out: Path, extra: list[str]) -> dict:
+    """01 -> 05 + scorer; returns the scorer's JSON."""
+    d = f"configs/{recipe}"
+    _run(["01_preprocess.py", "-c", f"{d}/base.yaml"], out, extra)
+    train = next(Path(ROOT, d).glob("train_*.yaml")).name
+    _run(["02_train_fold.py", "-c", f"{d}/{train}", *TINY_TRAIN], out, extra)
+    _run(["03_extract_features.py", "-c", f"{d}/stack.yaml", TINY_ENC], out, extra)
+    _run(["04_stack.py", "-c", f"{d}/stack.yaml", TINY_ENC, "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20",
+          "stack.pca_components=4"], out, extra)
+    _run(["05_submit.py", "-c", f"{d}/submit.yaml"], out, extra)
+    truth, exp, *task = Path(ROOT, d, "score.txt").read_text().split()
+    if extra and extra[0] == "--data":  # fixture made in tmp: its held-out labels sit beside it
+        truth = str(Path(extra[1]) / "held_out" / Path(truth).name)
+    sub = out / exp / "submission.csv"
+    p = subprocess.run([sys.executable, "tools/score_submission.py", "--truth", truth, "--submission", str(sub),
+                        "--task", task[0] if task else "auto"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return {"score": json.loads(p.stdout), "sub": pd.read_csv(sub, dtype=str), "truth": pd.read_csv(truth, dtype=str),
+            "cv": json.loads((out / exp / "cv.json").read_text())}
+
+
+def test_ham10000_multiclass_isic2019_format(tmp_path: Path) -> None:
+    r = _pipeline("ham10000_sample", tmp_path, [])
+    sub, truth = r["sub"], r["truth"]
+    assert list(sub.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    assert set(sub["image"]) == set(truth["image"])
+    assert r["score"]["task"] == "multiclass" and 0 <= r["score"]["ours"]["balanced_accuracy"] <= 1
+    assert r["cv"]["decision"] == "argmax"
+    assert (sub.iloc[:, 1:].astype(float).gt(0.5).sum(axis=1) == 1).all()  # argmax baked in: one class above 0.5
+    folds = pd.read_csv(tmp_path / "prep" / "ham10000_sample" / "folds.csv")
+    meta = pd.read_csv(ROOT / "input/ham10000_sample/HAM10000_metadata.csv")
+    m = meta.merge(folds, left_on="image_id", right_on="lesion_id", suffixes=("_ham", ""))
+    assert (m.groupby("lesion_id_ham")["fold"].nunique() == 1).all()  # a lesion's images share a fold
+
+
+def test_isic2024_binary_triage_from_ham(tmp_path: Path) -> None:
+    r = _pipeline("isic2024_ham_sample", tmp_path, [])
+    sub, truth = r["sub"], r["truth"]
+    assert list(sub.columns) == ["isic_id", "target"] and set(sub["isic_id"]) == set(truth["isic_id"])
+    assert r["score"]["task"] == "binary" and 0 <= r["score"]["ours"]["pauc"] <= 0.2
+    assert r["cv"]["decision"] == "raw" and "pauc_80" in r["cv"]["cv"]
+    cols = pd.read_parquet(tmp_path / "isic24_sample_stack" / "importance.parquet")["feature"].unique()
+    assert any(c.startswith("pat_z_meta_tbp_lv_") for c in cols)
+    assert any(c.startswith("pat_rank_oof_isic24_sample_image") for c in cols)
+    folds = pd.read_csv(tmp_path / "prep" / "isic2024_ham_sample" / "folds.csv")
+    meta = pd.read_csv(ROOT / "input/isic2024_ham_sample/train-metadata.csv")
+    m = meta.merge(folds, left_on="isic_id", right_on="lesion_id")
+    assert (m.groupby("patient_id")["fold"].nunique() == 1).all()  # patients never cross folds
+
+
+def test_multilabel_fixture_scin_style(tmp_path: Path) -> None:
+    data = tmp_path / "fixture"
+    p = subprocess.run([sys.executable, "tools/make_multilabel_fixture.py", "--out", str(data), "--n-train", "60",
+                        "--n-test", "15", "--size", "64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = _pipeline("multilabel_fixture", tmp_path / "out", ["--data", str(data)])
+    sub = r["sub"]
+    assert list(sub.columns) == ["case_id", "eczema", "psoriasis", "acne", "tinea", "urticaria"]
+    assert r["cv"]["decision"] == "thresholds"
+    s = r["score"]["ours"]
+    assert r["score"]["task"] == "multilabel" and {"macro_f1", "top1_accuracy", "top3_accuracy"} <= set(s)
+    assert "top3_accuracy" in r["cv"]["cv"]

@@ -1,0 +1,135 @@
+"""Stage 03 on the shipped sample with timm's tiny test model: outputs, ids, caching and reuse."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lib.config.load import load_config
+from lib.core import artifacts
+from lib.core.errors import PipelineError
+from lib.data import dataset
+from lib.stages import features, prepare
+from lib.tabular.patient import patient_relative
+from lib.vision import embed
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"name": "tiny", "arch": "test_efficientnet", "weights": None, "size": 64}
+
+
+def _cfg(out: Path, exp: str = "f1", **kw: object) -> dict:
+    ov = [f"paths.output={out}", f"data.root={ROOT / 'input/milk10k_sample'}", "cache.size=96",
+          f"exp={exp}", "features.batch_size=16", "features.workers=0", "threads=2"]
+    cfg = load_config(None, ov)
+    cfg["features"]["encoders"] = [dict(TINY, hub=False, **kw)]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("feat")
+    prepare.run(_cfg(out))
+    return out
+
+
+def test_extract_writes_id_keyed_tables(prepared: Path) -> None:
+    cfg = _cfg(prepared)
+    features.run(cfg)
+    info, train, test = dataset.load_dataset(cfg)
+    tr = pd.read_parquet(prepared / "f1/features/tiny_train.parquet")
+    te = pd.read_parquet(prepared / "f1/features/tiny_test.parquet")
+    assert list(tr["lesion_id"]) == list(train["lesion_id"]) and list(te["lesion_id"]) == list(test["lesion_id"])
+    derm = [c for c in tr.columns if c.startswith("emb_tiny_dermoscopic_")]
+    clin = [c for c in tr.columns if c.startswith("emb_tiny_clinical_")]
+    assert len(derm) == len(clin) > 0 and len(tr.columns) == 1 + 2 * len(derm)
+    assert tr[derm].notna().all().all() and tr[derm].std().sum() > 0
+    assert (prepared / "f1/features/config.yaml").exists()
+    meta = artifacts.feature_info(cfg, "tiny")
+    assert meta["views"] == ["id", "hflip"] and meta["n_images"] == 2 * len(train)
+
+
+def test_second_experiment_reuses_cached_embeddings(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
+    features.run(_cfg(prepared, "f1"))
+    src = next((prepared / "prep").rglob("features/tiny-*/train.parquet"))
+    mtime = src.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        features.run(_cfg(prepared, "f2"))
+    assert src.stat().st_mtime_ns == mtime
+    assert "cached embeddings reused" in caplog.text
+    a = pd.read_parquet(prepared / "f1/features/tiny_train.parquet")
+    b = pd.read_parquet(prepared / "f2/features/tiny_train.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_other_preprocessing_gets_other_cache_key(prepared: Path) -> None:
+    cfg = _cfg(prepared)
+    info, _, _ = dataset.load_dataset(cfg)
+    enc = cfg["features"]["encoders"][0]
+    k1 = embed.spec_key(embed.encoder_spec(enc, ["id", "hflip"], info["cache_tag"]))
+    k2 = embed.spec_key(embed.encoder_spec(enc, ["id"], info["cache_tag"]))
+    k3 = embed.spec_key(embed.encoder_spec(dict(enc, size=80), ["id", "hflip"], info["cache_tag"]))
+    assert len({k1, k2, k3}) == 3
+
+
+def test_tta_mean_equals_mean_of_views(prepared: Path) -> None:
+    import numpy as np
+    import torch
+
+    from lib.vision import backbones
+
+    cfg = _cfg(prepared)
+    info, train, _ = dataset.load_dataset(cfg)
+    torch.manual_seed(0)
+    model = backbones.build_backbone("test_efficientnet", None).eval()
+    spec = {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    paths = [str(prepared / "prep/milk10k_sample" / p) for p in train["path_dermoscopic"][:5]]
+    views = embed.embed_paths(model, paths, dict(spec, views=["id", "vflip"]), "cpu", 4, 0, "t", keep_views=True)
+    mean = embed.embed_paths(model, paths, dict(spec, views=["id", "vflip"]), "cpu", 4, 0, "t")
+    assert views.shape[:2] == (5, 2)
+    np.testing.assert_allclose(views.mean(1), mean, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(views[:, 0], views[:, 1])
+
+
+def test_missing_features_and_empty_encoders_are_clear_errors(prepared: Path) -> None:
+    cfg = _cfg(prepared, "none")
+    with pytest.raises(PipelineError, match="not found"):
+        artifacts.load_features(cfg, ["nothing"], "train")
+    cfg["features"]["encoders"] = []
+    with pytest.raises(PipelineError, match="empty"):
+        features.run(cfg)
+
+
+def test_keep_views_writes_one_block_per_view(prepared: Path) -> None:
+    cfg = _cfg(prepared, "kv")
+    cfg["features"]["keep_views"] = True
+    cfg["features"]["tta"] = ["id", "vflip"]
+    features.run(cfg)
+    tr = pd.read_parquet(prepared / "kv/features/tiny_train.parquet")
+    a = [c for c in tr.columns if c.startswith("emb_tiny_dermoscopic_id_")]
+    b = [c for c in tr.columns if c.startswith("emb_tiny_dermoscopic_vflip_")]
+    assert len(a) == len(b) > 0
+    assert not (tr[a].to_numpy() == tr[b].to_numpy()).all()
+
+
+def test_patient_relative_by_hand_and_per_patient_only() -> None:
+    import numpy as np
+
+    x = pd.DataFrame({"a": [1.0, 2.0, 3.0, 10.0, np.nan], "b": [0.0, 0.0, 0.0, 1.0, 2.0]})
+    g = np.array(["p", "p", "p", "q", "q"])
+    r = patient_relative(x, g)
+    np.testing.assert_allclose(r["pat_diff_a"][:4], [-1, 0, 1, 0])
+    np.testing.assert_allclose(r["pat_z_a"][:3], [-1.224745, 0, 1.224745], atol=1e-5)
+    assert np.isnan(r["pat_z_a"][4]) and r["pat_z_b"][:3].tolist() == [0, 0, 0]  # no spread -> 0
+    np.testing.assert_allclose(r["pat_z_b"][3:], [-1, 1])
+    np.testing.assert_allclose(r["pat_rank_a"][:3], [1 / 3, 2 / 3, 1], atol=1e-6)
+    assert r["pat_count"].tolist() == [3, 3, 3, 2, 2]
+    # another patient's values never enter this patient's features
+    x2 = x.copy()
+    x2.loc[3:, "a"] = [1e6, -5.0]
+    r2 = patient_relative(x2, g)
+    pd.testing.assert_frame_equal(r.iloc[:3], r2.iloc[:3])
+    with pytest.raises(PipelineError, match="group ids"):
+        patient_relative(x, g[:3])
+
