@@ -300,9 +300,21 @@ def _fig_cv_spread(Fig: Callable, pf: pd.DataFrame) -> Any:
     return fig
 
 
+def stage_times_table(rows: Sequence[dict]) -> str:
+    """Markdown table of stage wall times (one row per folder that ran a stage) and their total."""
+    def secs(v: Any) -> str:
+        return "-" if v is None else f"{float(v):.1f}"
+
+    body = [[f"{r.get('number', '?')} {r.get('stage', '?')}", r.get("exp", "?"), secs(r.get("wall_seconds"))]
+            for r in rows]
+    total = sum(float(r["wall_seconds"]) for r in rows if r.get("wall_seconds") is not None)
+    return _md_table(["stage", "exp", "wall seconds"], [*body, ["**total**", "", secs(total)]])
+
+
 def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], cv: dict,
                  thresholds: dict[str, float], decision: str, members: list[dict],
-                 histories: dict[str, pd.DataFrame] | None, title: str, task: str = "multiclass") -> Path:
+                 histories: dict[str, pd.DataFrame] | None, title: str, task: str = "multiclass",
+                 stage_times: list[dict] | None = None) -> Path:
     """Write ``folder/report.md`` and its PNGs in ``folder/report/``; returns the report path.
 
     ``cv`` is a ``cv_summary`` dict; ``thresholds`` the tuned per-class thresholds (empty: those in
@@ -310,7 +322,9 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     blended probabilities as they are, binary tasks); ``task`` multiclass | multilabel | binary
     (the confusion matrix and argmax F1 are multiclass only); ``members`` dicts with ``exp``, ``weight`` and optionally metrics (top level or under ``cv``);
     ``histories`` ``{"<exp>/foldK": DataFrame(epoch, train_loss, val_loss, val_macro_f1, lr)}``
-    (any column may be missing; empty or None: no training-curves figure). Figures use
+    (any column may be missing; empty or None: no training-curves figure); ``stage_times`` rows
+    with ``number``, ``stage``, ``exp``, ``wall_seconds`` (``lib.core.artifacts.stage_times``; None or
+    empty: no stage-times section). Figures use
     matplotlib's Agg canvas directly (no pyplot state); every file is written atomically and
     figures not produced this time are removed so the folder matches the report.
     """
@@ -373,6 +387,8 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
               "", "## Per fold", ""]
     parts.append(_md_table(list(pf.columns), pf.to_numpy(object).tolist()) if pf is not None
                  else "_no per-fold results_")
+    if stage_times:
+        parts += ["", "## Stage times", "", stage_times_table(stage_times)]
     parts += ["", "## Notes", "", NOTE, "", "## Figures", ""]
     parts += [f"### {cap}\n\n![{cap}](report/{name})\n" for cap, name in written]
     out = write_text("\n".join(parts).rstrip() + "\n", folder / "report.md")
