@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lib.core import artifacts as A
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_same_ids, atomic_path, write_text
 from lib.evaluation import ensemble
@@ -121,12 +122,12 @@ def load_histories(output_root: Path, exps: Sequence[str]) -> dict[str, pd.DataF
     (folds in numeric order; empty or unreadable files are skipped with a warning)."""
     out: dict[str, pd.DataFrame] = {}
     for exp in exps:
-        dirs = [d for d in Path(output_root, exp).glob("fold*") if (d / "history.csv").is_file()]
+        dirs = [d for d in Path(output_root, exp).glob("fold*") if (d / A.HISTORY).is_file()]
         for d in sorted(dirs, key=lambda d: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", d.name)]):
             try:
-                df = pd.read_csv(d / "history.csv")
+                df = pd.read_csv(d / A.HISTORY)
             except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-                log.warning("skipping %s: %s", d / "history.csv", str(e).splitlines()[0])
+                log.warning("skipping %s: %s", d / A.HISTORY, str(e).splitlines()[0])
                 continue
             if len(df):
                 out[f"{exp}/{d.name}"] = df
@@ -300,9 +301,36 @@ def _fig_cv_spread(Fig: Callable, pf: pd.DataFrame) -> Any:
     return fig
 
 
+def _write_figures(img_dir: Path, figs: dict[str, tuple[str, Callable[[], Any]]]) -> list[tuple[str, str]]:
+    """Render each (caption, make) figure to img_dir/name; remove the file of one not produced.
+    Returns (caption, name) of the figures written."""
+    written: list[tuple[str, str]] = []
+    for name, (caption, make) in figs.items():
+        fig = make()
+        if fig is None:
+            (img_dir / name).unlink(missing_ok=True)
+            log.info("report: no data for %s, skipped", name)
+            continue
+        _save(fig, img_dir / name)
+        written.append((caption, name))
+    return written
+
+
+def stage_times_table(rows: Sequence[dict]) -> str:
+    """Markdown table of stage wall times (one row per folder that ran a stage) and their total."""
+    def secs(v: Any) -> str:
+        return "-" if v is None else f"{float(v):.1f}"
+
+    body = [[f"{r.get('number', '?')} {r.get('stage', '?')}", r.get("exp", "?"), secs(r.get("wall_seconds"))]
+            for r in rows]
+    total = sum(float(r["wall_seconds"]) for r in rows if r.get("wall_seconds") is not None)
+    return _md_table(["stage", "exp", "wall seconds"], [*body, ["**total**", "", secs(total)]])
+
+
 def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], cv: dict,
                  thresholds: dict[str, float], decision: str, members: list[dict],
-                 histories: dict[str, pd.DataFrame] | None, title: str, task: str = "multiclass") -> Path:
+                 histories: dict[str, pd.DataFrame] | None, title: str, task: str = "multiclass",
+                 stage_times: list[dict] | None = None) -> Path:
     """Write ``folder/report.md`` and its PNGs in ``folder/report/``; returns the report path.
 
     ``cv`` is a ``cv_summary`` dict; ``thresholds`` the tuned per-class thresholds (empty: those in
@@ -310,7 +338,9 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     blended probabilities as they are, binary tasks); ``task`` multiclass | multilabel | binary
     (the confusion matrix and argmax F1 are multiclass only); ``members`` dicts with ``exp``, ``weight`` and optionally metrics (top level or under ``cv``);
     ``histories`` ``{"<exp>/foldK": DataFrame(epoch, train_loss, val_loss, val_macro_f1, lr)}``
-    (any column may be missing; empty or None: no training-curves figure). Figures use
+    (any column may be missing; empty or None: no training-curves figure); ``stage_times`` rows
+    with ``number``, ``stage``, ``exp``, ``wall_seconds`` (``lib.core.artifacts.stage_times``; None or
+    empty: no stage-times section). Figures use
     matplotlib's Agg canvas directly (no pyplot state); every file is written atomically and
     figures not produced this time are removed so the folder matches the report.
     """
@@ -319,7 +349,7 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     if decision not in DECISIONS:
         raise PipelineError(f"write_report: decision must be one of {DECISIONS}, got '{decision}'")
     folder = Path(folder)
-    img_dir = folder / "report"
+    img_dir = folder / A.REPORT_DIR
     Y, P, _ = oof_arrays(train, oof, classes)
     t = _resolve_thresholds(thresholds, cv, classes, Y, P)
     support = (Y > 0.5).sum(axis=0).astype(int)
@@ -338,15 +368,7 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
                                      lambda: _fig_thresholds(Figure, Y, P, t, classes)),
             "training_curves.png": ("Training curves", lambda: _fig_training(Figure, histories or {})),
             "cv_spread.png": ("CV spread over folds", lambda: None if pf is None else _fig_cv_spread(Figure, pf))}
-    written: list[tuple[str, str]] = []
-    for name, (caption, make) in figs.items():
-        fig = make()
-        if fig is None:
-            (img_dir / name).unlink(missing_ok=True)
-            log.info("report: no data for %s, skipped", name)
-            continue
-        _save(fig, img_dir / name)
-        written.append((caption, name))
+    written = _write_figures(img_dir, figs)
 
     parts = [f"# {title}", "", f"OOF rows: {len(Y)}, classes: {len(classes)}, decision: **{decision}**", "",
              "## Headline (OOF)", "",
@@ -373,8 +395,10 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
               "", "## Per fold", ""]
     parts.append(_md_table(list(pf.columns), pf.to_numpy(object).tolist()) if pf is not None
                  else "_no per-fold results_")
+    if stage_times:
+        parts += ["", "## Stage times", "", stage_times_table(stage_times)]
     parts += ["", "## Notes", "", NOTE, "", "## Figures", ""]
-    parts += [f"### {cap}\n\n![{cap}](report/{name})\n" for cap, name in written]
-    out = write_text("\n".join(parts).rstrip() + "\n", folder / "report.md")
+    parts += [f"### {cap}\n\n![{cap}]({A.REPORT_DIR}/{name})\n" for cap, name in written]
+    out = write_text("\n".join(parts).rstrip() + "\n", folder / A.REPORT)
     log.info("report written: %s (%d figures)", out, len(written))
     return out

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.core.artifacts import exp_dir, prep_dir, save_config
+from lib.core import artifacts as A
+from lib.core.artifacts import prep_dir, save_config
 from lib.core.errors import PipelineError
 from lib.core.io import ID, write_json, write_parquet
 from lib.core.runtime import torch_device
@@ -28,7 +29,7 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
     """Embeddings of one encoder for each split, from the shared cache or computed (and cached)."""
     views = parse_views(enc.get("tta") or cfg["features"]["tta"])
     spec = encoder_spec(enc, views, info["cache_tag"], bool(cfg["features"]["keep_views"]))
-    folder = prep_dir(cfg) / "features" / f"{enc['name']}-{spec_key(spec)}"
+    folder = prep_dir(cfg) / A.FEATURES / f"{enc['name']}-{spec_key(spec)}"
     device = torch_device(cfg)
     model = None
     paths: dict[str, Path] = {}
@@ -73,7 +74,8 @@ def _workers(cfg: dict) -> int:
 
 
 def run(cfg: dict) -> None:
-    """Stage 03: embeddings of every configured encoder into `output/<exp>/features/`."""
+    """Stage 03: embeddings of every configured encoder into `output/<exp>/features/` (+ its manifest)."""
+    t0 = time.time()
     if not cfg["features"]["encoders"] and not cfg["features"]["from_exps"]:
         raise PipelineError("features.encoders is empty: nothing to extract")
     if cfg["threads"]:
@@ -82,17 +84,20 @@ def run(cfg: dict) -> None:
     tables = {"train": train[[ID] + [f"path_{m}" for m in info["modalities"]]]}
     if test is not None:
         tables["test"] = test[[ID] + [f"path_{m}" for m in info["modalities"]]]
-    out = exp_dir(cfg) / "features"
+    out = A.features_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     for enc in cfg["features"]["encoders"]:
         for split, src in extract_encoder(cfg, enc, info, tables).items():
-            _link(src, out / f"{enc['name']}_{split}.parquet")
-            shutil.copyfile(src.with_suffix(".json"), out / f"{enc['name']}_{split}.json")
+            _link(src, out / A.features_file(enc["name"], split))
+            shutil.copyfile(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
     if cfg["features"]["from_exps"]:
 
         for e in cfg["features"]["from_exps"]:
             extract_fold_features(cfg, e, info, train, test, out)
     save_config(cfg, out)
+    inputs = [A.input_record(cfg, prep_dir(cfg), "prep")]
+    inputs += [A.input_record(cfg, A.exp_folder(cfg, e), "from_exp") for e in cfg["features"]["from_exps"]]
+    A.write_manifest(cfg, out, "features", inputs, time.time() - t0, exp=f"{cfg['exp']}/{A.FEATURES}")
 
 
 def _link(src: Path, dst: Path) -> None:

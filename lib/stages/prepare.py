@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from lib.core import artifacts as A
 from lib.core.artifacts import prep_dir, save_config
 from lib.core.errors import PipelineError
 from lib.core.io import ID, write_csv, write_json, write_parquet
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 def _cache_jobs(df: pd.DataFrame, mods: list[str], folder: Path, tag: str) -> tuple[list, dict]:
     jobs, paths = [], {}
     for m in mods:
-        rel = [f"images/{tag}/{lid}__{m}.jpg" for lid in df[ID]]
+        rel = [f"{A.IMAGES}/{tag}/{lid}__{m}.jpg" for lid in df[ID]]
         paths[m] = rel
         jobs += [(src, str(folder / r)) for src, r in zip(df[f"src_{m}"], rel)]
     return jobs, paths
@@ -58,6 +60,7 @@ def _finish(raw: data.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> pd.
 
 def run(cfg: dict, force_folds: bool = False) -> dict:
     """Run stage 01 and return the dataset description written to `<prep>/dataset.json`."""
+    t0 = time.time()
     folder = prep_dir(cfg)
     train = data.read_split(cfg, "train")
     test = data.read_split(cfg, "test")
@@ -82,7 +85,7 @@ def run(cfg: dict, force_folds: bool = False) -> dict:
             log.warning("class %s has no training lesions", c[2:])
 
     group = cfg["folds"]["group"] or (train.group_col and "group")
-    fold_path = folder / "folds.csv"
+    fold_path = folder / A.FOLDS
     new = folds.make_folds(tr, train.classes, cfg["folds"]["n_splits"], cfg["folds"]["seed"], group)
     if fold_path.exists() and not force_folds:
         old = pd.read_csv(fold_path, dtype={ID: str})
@@ -100,16 +103,18 @@ def run(cfg: dict, force_folds: bool = False) -> dict:
         "group": group, "cache_tag": tag, "folds": cfg["folds"],
         "meta_columns": data.meta_columns(tr), "monet_columns": data.monet_columns(tr),
     }
-    write_parquet(tr, folder / "train.parquet")
+    write_parquet(tr, folder / A.PREP_TRAIN)
     if te is not None:
-        write_parquet(te, folder / "test.parquet")
-    elif (folder / "test.parquet").exists():
-        (folder / "test.parquet").unlink()
-    write_json(enc, folder / "meta_encoders.json")
+        write_parquet(te, folder / A.PREP_TEST)
+    elif (folder / A.PREP_TEST).exists():
+        (folder / A.PREP_TEST).unlink()
+    write_json(enc, folder / A.META_ENCODERS)
     write_csv(new, fold_path)
-    write_csv(summary.reset_index(), folder / "fold_summary.csv")
+    write_csv(summary.reset_index(), folder / A.FOLD_SUMMARY)
     save_config(cfg, folder)
-    write_json(info, folder / "dataset.json")
+    write_json(info, folder / A.DATASET)
+    A.write_manifest(cfg, folder, "prepare", [], time.time() - t0, exp=folder.name,
+                     extra={"data_root": str(cfg["data"]["root"])})
     return info
 
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pandas as pd
 
 from lib.config.schema import STACK_DEFAULTS
+from lib.core import artifacts as A
 from lib.core.artifacts import (
     exp_dir,
     load_features,
@@ -26,7 +28,7 @@ from lib.core.io import (
 from lib.data.dataset import load_dataset
 from lib.evaluation import report as R
 from lib.tabular.patient import patient_relative
-from lib.tabular.stackers import fit_predict_stack
+from lib.tabular.stackers import StackResult, fit_predict_stack
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame 
         if rest:
             blocks[f"emb_{name}"] = rest
     for exp in s["oof_exps"]:
-        oof, pte = load_member(cfg, exp, train, test, classes)
+        oof, pte = load_member(cfg, exp, train, test, classes, role="stack.oof_exps member")
         ren = {c: f"oof_{exp}_{c}" for c in classes}
         tr = merge_on_id(tr, oof.rename(columns=ren), f"OOF of {exp}")
         if te is not None:
@@ -92,7 +94,7 @@ def _add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.D
     if test is not None and "group" not in test.columns:
         raise PipelineError("stack.patient_features: the test table has no patient column "
                             "(test-metadata.csv patient_id / the generic test CSV's group_col)")
-    enc = read_json(prep_dir(cfg) / "meta_encoders.json")
+    enc = read_json(prep_dir(cfg) / A.META_ENCODERS)
     cols = [f"meta_{c}" for c in enc["num"] if f"meta_{c}" in tr.columns]
     cols += [c for name, b in blocks.items() if name.startswith("oof_") for c in b]
     if not cols:
@@ -112,34 +114,48 @@ def _add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.D
     return out[0], out[1], new
 
 
+def _inputs(cfg: dict) -> list[dict]:
+    """Manifest records of what 04 read: the prep folder, the features folder, the OOF members."""
+    s = cfg["stack"]
+    recs = [A.input_record(cfg, prep_dir(cfg), "prep")]
+    if s["features"]:
+        recs.append(A.input_record(cfg, A.features_dir(cfg, s["features_exp"]), "features"))
+    return recs + [A.input_record(cfg, A.exp_folder(cfg, e), "oof_exp") for e in s["oof_exps"]]
+
+
+def _write_outputs(out: Path, res: StackResult) -> None:
+    write_parquet(res.oof, out / A.OOF)
+    if res.test is not None:
+        write_parquet(res.test, out / A.TEST)
+    for h, df in res.per_head_oof.items():
+        write_parquet(df, out / A.HEADS / A.head_file("oof", h))
+    for h, df in (res.per_head_test or {}).items():
+        if df is not None:
+            write_parquet(df, out / A.HEADS / A.head_file("test", h))
+    write_parquet(res.importance, out / A.IMPORTANCE)
+
+
 def run(cfg: dict) -> dict:
-    """Stage 04: nested stacking on folds.csv; writes oof.parquet, test.parquet, cv.json."""
+    """Stage 04: nested stacking on folds.csv; writes oof.parquet, test.parquet, cv.json, manifest.json."""
 
     t0 = time.time()
     info, train, test = load_dataset(cfg)
-    classes = info["classes"]
+    classes, task = info["classes"], info["task"]
     tr, te, blocks = build_inputs(cfg, info, train, test)
     s = cfg["stack"]
     model_cfg = {k: s[k] for k in STACK_DEFAULTS}
-    model_cfg["renorm"] = info["task"] == "multiclass" and s["renorm"]
+    model_cfg["renorm"] = task == "multiclass" and s["renorm"]
     res = fit_predict_stack(tr, te, blocks, classes, model_cfg)
     out = exp_dir(cfg)
-    write_parquet(res.oof, out / "oof.parquet")
-    if res.test is not None:
-        write_parquet(res.test, out / "test.parquet")
-    for h, df in res.per_head_oof.items():
-        write_parquet(df, out / "heads" / f"oof_{h}.parquet")
-    for h, df in (res.per_head_test or {}).items():
-        if df is not None:
-            write_parquet(df, out / "heads" / f"test_{h}.parquet")
-    write_parquet(res.importance, out / "importance.parquet")
-    cv = R.cv_summary(train, res.oof, classes, info["task"])
-    cv["per_head"] = {h: R.cv_summary(train, df, classes, info["task"]) for h, df in res.per_head_oof.items()}
-    cv["blocks"] = {k: len(v) for k, v in blocks.items()}
-    cv["seconds"] = round(time.time() - t0, 1)
-    write_json(cv, out / "cv.json")
+    _write_outputs(out, res)
+    per_head = {h: R.cv_summary(train, df, classes, task) for h, df in res.per_head_oof.items()}
+    stack = {"per_head": per_head, "blocks": {k: len(v) for k, v in blocks.items()},
+             "seconds": round(time.time() - t0, 1)}
+    cv = A.cv_document("stack", cfg["exp"], task, R.cv_summary(train, res.oof, classes, task), stack=stack)
+    write_json(cv, out / A.CV)
     save_config(cfg, out)
-    for h, c in cv["per_head"].items():
+    A.write_manifest(cfg, out, "stack", _inputs(cfg), time.time() - t0)
+    for h, c in per_head.items():
         R.log_cv(f"head {h}", c)
     R.log_cv("stack", cv)
     return cv

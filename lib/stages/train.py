@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pandas as pd
 import torch
 
+from lib.core import artifacts as A
 from lib.core.artifacts import exp_dir, fold_dir, save_config
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_same_ids, read_json, write_json, write_parquet
@@ -26,8 +28,10 @@ def fold_done(cfg: dict, k: int) -> bool:
 
 
 def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None) -> dict | None:
-    """Write `<exp>/oof.parquet`, `test.parquet` (probabilities) and cv.json once every fold is done."""
+    """Write `<exp>/oof.parquet`, `test.parquet` (probabilities), cv.json and manifest.json once every
+    fold is done (the manifest's wall seconds: the folds' training seconds + this aggregation)."""
 
+    t0 = time.time()
     folds = sorted(int(f) for f in train["fold"].unique())
     missing = [k for k in folds if not fold_done(cfg, k)]
     if missing:
@@ -36,32 +40,35 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
     classes, task = list(info["classes"]), info.get("task", "multiclass")
     parts, tests, sums = [], [], []
     for k in folds:
-        o = pd.read_parquet(fold_dir(cfg, k) / "oof.parquet")
+        o = pd.read_parquet(fold_dir(cfg, k) / A.OOF)
         assert_same_ids(o, train[train["fold"] == k], f"fold {k} OOF vs fold rows")
         parts.append(o)
-        sums.append(read_json(fold_dir(cfg, k) / "summary.json"))
+        sums.append(read_json(fold_dir(cfg, k) / A.FOLD_SUMMARY_JSON))
         if test is not None:
-            t = pd.read_parquet(fold_dir(cfg, k) / "test_logits.parquet")
+            t = pd.read_parquet(fold_dir(cfg, k) / A.FOLD_TEST_LOGITS)
             assert_same_ids(t, test, f"fold {k} test logits vs test", ordered=True)
             tests.append(probabilities(t[classes].to_numpy(), task))
     oof = pd.concat(parts, ignore_index=True).set_index(ID).loc[train[ID].to_numpy()].reset_index()
     assert_same_ids(oof, train, "OOF vs train", ordered=True)
     oof_p = _table(oof[ID], probabilities(oof[classes].to_numpy(), task), classes)
     root = exp_dir(cfg)
-    write_parquet(oof_p, root / "oof.parquet")
+    write_parquet(oof_p, root / A.OOF)
     if test is not None:
-        write_parquet(_table(test[ID], np.mean(tests, 0), classes), root / "test.parquet")
-    cv = cv_summary(train, oof_p, classes, task)
+        write_parquet(_table(test[ID], np.mean(tests, 0), classes), root / A.TEST)
     es_used = any(s["early_stopping_used"] for s in sums)
-    cv["training"] = {"model": cfg["train"]["model"]["kind"], "fusion": cfg["train"]["model"]["fusion"],
-                      "epochs": cfg["train"]["epochs"], "img_size": cfg["train"]["img_size"],
-                      "early_stopping_used": es_used,
-                      "note": "OOF taken at the best validation epoch: optimistic" if es_used else
-                      "fixed epochs; OOF from the last/EMA weights",
-                      "weights_for_oof": sorted({s["weights_for_oof"] for s in sums}),
-                      "views": sums[0]["views"], "fold_seconds": [s["seconds"] for s in sums]}
-    write_json(cv, root / "cv.json")
+    training = {"model": cfg["train"]["model"]["kind"], "fusion": cfg["train"]["model"]["fusion"],
+                "epochs": cfg["train"]["epochs"], "img_size": cfg["train"]["img_size"],
+                "early_stopping_used": es_used,
+                "note": "OOF taken at the best validation epoch: optimistic" if es_used else
+                "fixed epochs; OOF from the last/EMA weights",
+                "weights_for_oof": sorted({s["weights_for_oof"] for s in sums}),
+                "views": sums[0]["views"], "fold_seconds": [s["seconds"] for s in sums]}
+    cv = A.cv_document("train", cfg["exp"], task, cv_summary(train, oof_p, classes, task), training=training)
+    write_json(cv, root / A.CV)
     save_config(cfg, root)
+    wall = sum(float(s["seconds"]) for s in sums) + time.time() - t0
+    A.write_manifest(cfg, root, "train", [A.input_record(cfg, A.prep_dir(cfg), "prep")], wall,
+                     extra={"wall_seconds_note": "sum of the folds' training seconds + aggregation"})
     log_cv(str(cfg["exp"]), cv)
     return cv
 

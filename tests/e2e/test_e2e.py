@@ -58,10 +58,31 @@ def test_every_stage_left_its_artifacts_and_config(pipeline: Path) -> None:
               "sample_fusion/fold0/history.csv", "sample_fusion/cv.json", "sample_stack/features/lite0_train.parquet",
               "sample_stack/oof.parquet", "sample_stack/test.parquet", "sample_stack/cv.json",
               "sample_stack/config.yaml", "sample_submit/report.md", "sample_submit/config.yaml",
-              "sample_submit/cv.json"]:
+              "sample_submit/cv.json", "sample_submit/test.parquet"]:
         assert (pipeline / f).exists(), f
     cv = json.loads((pipeline / "sample_stack/cv.json").read_text())
-    assert "oof_sample_fusion" in cv["blocks"] and 0 <= cv["macro_f1_argmax"] <= 1
+    assert "oof_sample_fusion" in cv["stack"]["blocks"] and 0 <= cv["macro_f1_argmax"] <= 1
+
+
+def test_one_cv_schema_and_a_manifest_per_stage_folder(pipeline: Path) -> None:
+    for exp, stage, extra in (("sample_fusion", "train", "training"), ("sample_stack", "stack", "stack"),
+                              ("sample_submit", "submit", "submit")):
+        cv = json.loads((pipeline / exp / "cv.json").read_text())
+        assert (cv["schema_version"], cv["stage"], cv["exp"], cv["task"]) == (1, stage, exp, "multiclass")
+        assert {"n", "macro_dice_tuned_cv", "macro_f1_argmax", extra} <= set(cv)
+    folds_sha = None
+    for folder, stage in (("prep/milk10k_sample", "prepare"), ("sample_fusion", "train"),
+                          ("sample_stack/features", "features"), ("sample_stack", "stack"),
+                          ("sample_submit", "submit")):
+        m = json.loads((pipeline / folder / "manifest.json").read_text())
+        assert m["stage"] == stage and m["wall_seconds"] > 0 and m["created_utc"], folder
+        folds_sha = folds_sha or m["folds_sha1"]
+        assert m["folds_sha1"] == folds_sha, folder
+    md = (pipeline / "sample_submit/report.md").read_text()
+    times = md.split("## Stage times", 1)[1].split("\n## ", 1)[0]
+    for row in ("| 01 prepare | milk10k_sample |", "| 02 train | sample_fusion |",
+                "| 03 features | sample_stack/features |", "| 04 stack | sample_stack |", "| 05 submit |"):
+        assert row in times, (row, times)
 
 
 def test_official_scorer_accepts_the_submission(pipeline: Path) -> None:

@@ -56,7 +56,7 @@ def test_ham10000_multiclass_isic2019_format(tmp_path: Path) -> None:
     assert list(sub.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     assert set(sub["image"]) == set(truth["image"])
     assert r["score"]["task"] == "multiclass" and 0 <= r["score"]["ours"]["balanced_accuracy"] <= 1
-    assert r["cv"]["decision"] == "argmax"
+    assert r["cv"]["submit"]["decision"] == "argmax"
     assert (sub.iloc[:, 1:].astype(float).gt(0.5).sum(axis=1) == 1).all()  # argmax baked in: one class above 0.5
     folds = pd.read_csv(tmp_path / "prep" / "ham10000_sample" / "folds.csv")
     meta = pd.read_csv(ROOT / "input/ham10000_sample/HAM10000_metadata.csv")
@@ -69,7 +69,7 @@ def test_isic2024_binary_triage_from_ham(tmp_path: Path) -> None:
     sub, truth = r["sub"], r["truth"]
     assert list(sub.columns) == ["isic_id", "target"] and set(sub["isic_id"]) == set(truth["isic_id"])
     assert r["score"]["task"] == "binary" and 0 <= r["score"]["ours"]["pauc"] <= 0.2
-    assert r["cv"]["decision"] == "raw" and "pauc_80" in r["cv"]["cv"]
+    assert r["cv"]["submit"]["decision"] == "raw" and "pauc_80" in r["cv"]
     cols = pd.read_parquet(tmp_path / "isic24_sample_stack" / "importance.parquet")["feature"].unique()
     assert any(c.startswith("pat_z_meta_tbp_lv_") for c in cols)
     assert any(c.startswith("pat_rank_oof_isic24_sample_image") for c in cols)
@@ -87,7 +87,7 @@ def test_multilabel_fixture_scin_style(tmp_path: Path) -> None:
     r = _pipeline("multilabel_fixture", tmp_path / "out", ["--data", str(data)])
     sub = r["sub"]
     assert list(sub.columns) == ["case_id", "eczema", "psoriasis", "acne", "tinea", "urticaria"]
-    assert r["cv"]["decision"] == "thresholds"
+    assert r["cv"]["submit"]["decision"] == "thresholds"
     s = r["score"]["ours"]
     assert r["score"]["task"] == "multilabel" and {"macro_f1", "top1_accuracy", "top3_accuracy"} <= set(s)
-    assert "top3_accuracy" in r["cv"]["cv"]
+    assert "top3_accuracy" in r["cv"]

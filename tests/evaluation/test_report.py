@@ -79,11 +79,26 @@ def test_write_report_no_histories_argmax(tmp_path: Path) -> None:
     names = {p.name for p in _check_pngs(tmp_path)}
     assert "training_curves.png" not in names and "confusion.png" in names
     md = out.read_text()
-    assert "argmax" in md and "training_curves" not in md
+    assert "argmax" in md and "training_curves" not in md and "## Stage times" not in md
     assert all(c in md for c in CLASSES)
     # {} behaves as None
     R.write_report(tmp_path, train, oof, CLASSES, cv, cv["thresholds"], "argmax", [], {}, "Empty")
     assert not (tmp_path / "report" / "training_curves.png").exists()
+
+
+def test_stage_times_table_and_section(tmp_path: Path) -> None:
+    rows = [{"number": "01", "stage": "prepare", "exp": "d", "wall_seconds": 2.04},
+            {"number": "02", "stage": "train", "exp": "fus", "wall_seconds": 30.0},
+            {"number": "05", "stage": "submit", "exp": "sub", "wall_seconds": None}]
+    table = R.stage_times_table(rows)
+    lines = table.splitlines()
+    assert lines[0] == "| stage | exp | wall seconds |"
+    assert lines[2:] == ["| 01 prepare | d | 2.0 |", "| 02 train | fus | 30.0 |", "| 05 submit | sub | - |",
+                         "| **total** |  | 32.0 |"]
+    train, oof = _case(seed=2)
+    cv = R.cv_summary(train, oof, CLASSES)
+    md = R.write_report(tmp_path, train, oof, CLASSES, cv, {}, "argmax", [], None, "T", stage_times=rows).read_text()
+    assert "## Stage times\n\n" + table in md
 
 
 def test_write_report_bad_input(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from lib.config.load import load_config
 from lib.core import artifacts
 from lib.core.errors import PipelineError
+from lib.core.io import read_json
 from lib.data import dataset
 from lib.stages import features, prepare
 from lib.tabular.patient import patient_relative
@@ -46,6 +47,9 @@ def test_extract_writes_id_keyed_tables(prepared: Path) -> None:
     assert len(derm) == len(clin) > 0 and len(tr.columns) == 1 + 2 * len(derm)
     assert tr[derm].notna().all().all() and tr[derm].std().sum() > 0
     assert (prepared / "f1/features/config.yaml").exists()
+    man = read_json(prepared / "f1/features/manifest.json")
+    assert man["stage"] == "features" and man["exp"] == "f1/features" and man["folds_sha1"] == artifacts.folds_sha1(cfg)
+    assert [(i["role"], i["stage"]) for i in man["inputs"]] == [("prep", "prepare")] and man["wall_seconds"] > 0
     meta = artifacts.feature_info(cfg, "tiny")
     assert meta["views"] == ["id", "hflip"] and meta["n_images"] == 2 * len(train)
 

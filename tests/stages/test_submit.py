@@ -1,0 +1,88 @@
+"""Stage 05 (lib.stages.submit) on fake members: test.parquet like every stage, the common cv.json,
+its manifest, the stage-times table in report.md, and members refused when made on other folds or
+before manifests existed."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lib.core import artifacts as A
+from lib.core.errors import MissingArtifactError
+from lib.core.io import read_json
+from lib.data.dataset import load_dataset
+from lib.stages import submit
+from tests.stages.conftest import stage_cfg
+
+COMMON = {"schema_version", "stage", "exp", "task", "n", "macro_dice_05", "macro_dice_tuned_cv", "thresholds",
+          "per_fold"}
+
+
+def _submit_cfg(out: Path, exp: str, members: list[str], **kw: object) -> dict:
+    return stage_cfg(out, exp, f"submit.members=[{', '.join(members)}]", **kw)
+
+
+def test_submit_writes_test_parquet_cv_manifest_and_stage_times(preps: Path, make_member) -> None:
+    base = stage_cfg(preps, "m")
+    make_member(base, "m_a", seed=0)
+    make_member(base, "m_b", seed=10)
+    cfg = _submit_cfg(preps, "sub", ["m_a", "m_b"])
+    submit.run(cfg)
+    out = preps / "sub"
+    _, _, test = load_dataset(cfg)
+    te = pd.read_parquet(out / A.TEST)
+    assert list(te["lesion_id"]) == list(test["lesion_id"])
+    assert not (out / "test_blend.parquet").exists() and (out / A.SUBMISSION).exists()
+
+    cv = read_json(out / A.CV)
+    assert COMMON <= set(cv) and cv["stage"] == "submit" and cv["exp"] == "sub" and cv["task"] == "multiclass"
+    assert cv["schema_version"] == A.CV_SCHEMA_VERSION and "macro_f1_argmax" in cv
+    assert [m["exp"] for m in cv["submit"]["members"]] == ["m_a", "m_b"]
+    assert cv["submit"]["decision"] in ("argmax", "thresholds")
+
+    man = read_json(out / A.MANIFEST)
+    assert man["stage"] == "submit" and man["exp"] == "sub" and man["folds_sha1"] == A.folds_sha1(cfg)
+    assert man["wall_seconds"] > 0 and man["versions"]["python"]
+    assert {(i["role"], i["exp"]) for i in man["inputs"]} == {("prep", "p42"), ("member", "m_a"), ("member", "m_b")}
+
+    md = (out / A.REPORT).read_text()
+    section = md.split("## Stage times", 1)[1].split("##", 1)[0]
+    for row in ("| 01 prepare | p42 |", "| 02 train | m_a | 12.5 |", "| 02 train | m_b | 12.5 |", "| 05 submit | sub (until this report) |",
+                "**total**"):
+        assert row in section, (row, section)
+
+
+def test_submit_refuses_a_member_made_on_other_folds(preps: Path, make_member) -> None:
+    make_member(stage_cfg(preps, "x", folds_seed=7), "other_folds")
+    make_member(stage_cfg(preps, "x"), "ok_member")
+    cfg = _submit_cfg(preps, "sub_bad", ["ok_member", "other_folds"])
+    theirs, ours = A.folds_sha1(stage_cfg(preps, "x", folds_seed=7)), A.folds_sha1(cfg)
+    assert theirs != ours
+    with pytest.raises(MissingArtifactError) as e:
+        submit.run(cfg)
+    msg = str(e.value)
+    assert "'other_folds'" in msg and theirs[:8] in msg and ours[:8] in msg and "02_train_fold.py" in msg
+    assert "\n" not in msg
+    assert not (preps / "sub_bad" / A.SUBMISSION).exists()
+
+
+def test_submit_refuses_a_member_without_manifest(preps: Path, make_member) -> None:
+    folder = make_member(stage_cfg(preps, "x"), "old_member", manifest=False)
+    with pytest.raises(MissingArtifactError, match="'old_member'.*no manifest.json.*rerun 02_train_fold.py"):
+        submit.run(_submit_cfg(preps, "sub_old", ["old_member"]))
+    shutil.rmtree(folder / A.fold_name(0))
+    (folder / A.IMPORTANCE).write_bytes(b"")  # looks like a 04 experiment now
+    with pytest.raises(MissingArtifactError, match="rerun 04_stack.py"):
+        submit.run(_submit_cfg(preps, "sub_old", ["old_member"]))
+
+
+def test_submit_output_is_itself_a_member(preps: Path, make_member) -> None:
+    """05 writes oof.parquet + test.parquet + manifest like 02/04: a blend can be blended again."""
+    make_member(stage_cfg(preps, "x"), "m_c", seed=3)
+    submit.run(_submit_cfg(preps, "sub_c", ["m_c"]))
+    cv = submit.run(_submit_cfg(preps, "sub_of_sub", ["sub_c"]))
+    assert cv["stage"] == "submit"
+    md = (preps / "sub_of_sub" / A.REPORT).read_text()
+    assert "| 05 submit | sub_c |" in md and "| 02 train | m_c |" in md
