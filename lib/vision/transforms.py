@@ -36,7 +36,6 @@ from lib.data.cache import read_rgb
 RESIZE_MODES = ("shortest", "squash")
 DEFAULT_INTERPOLATION = {"shortest": "bicubic", "squash": "bilinear"}
 UPSAMPLE = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
-VIEW_KEYS = ("size", "mean", "std", "resize_mode", "interpolation", "crop_pct")
 
 EvalTransform = Callable[[np.ndarray], torch.Tensor]
 
@@ -77,11 +76,6 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     y0, x0 = (h - size) // 2, (w - size) // 2
     return img[y0:y0 + size, x0:x0 + size]
-
-
-def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to `size` (area down / cubic up) and take the central `size` x `size` crop."""
-    return resize_view(img, size, "shortest", "bicubic")
 
 
 def to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -208,9 +208,16 @@ class OpenClipVisual(nn.Module):
         return feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
 
 
-def _build_open_clip(arch: str, weights: str | None, hub: bool, keep_head: bool) -> nn.Module:
-    import open_clip
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise PipelineError(f"open_clip encoders need the open_clip package: pip install open_clip_torch ({e})") from None
+    return open_clip
 
+
+def _build_open_clip(arch: str, weights: str | None, hub: bool, keep_head: bool) -> nn.Module:
+    open_clip = _import_open_clip()
     name = arch.removeprefix(OPEN_CLIP_PREFIX)
     if name not in open_clip.list_models() and not (hub and name.startswith("hf-hub:")):
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
@@ -228,7 +235,7 @@ def _build_open_clip(arch: str, weights: str | None, hub: bool, keep_head: bool)
 
 def open_clip_spec(arch: str, weights: str | None) -> dict[str, Any]:
     """open_clip's preprocessing config (of `weights` when it is a known tag, else the first tag's)."""
-    import open_clip
+    open_clip = _import_open_clip()
     from open_clip.transform import PreprocessCfg
 
     name = arch.removeprefix(OPEN_CLIP_PREFIX)

@@ -3,6 +3,7 @@ checked against Keras (max abs diff), the cache that needs no Keras afterwards, 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
 from pathlib import Path
@@ -121,7 +122,8 @@ def test_sklesion_cache_needs_no_keras(sklesion, monkeypatch):
     spec = B.preprocess_spec("legacy_xception", "pypi:sklesion")
     assert spec["mean"][0] == pytest.approx(194.10626 / 255, rel=1e-5)
     assert spec["std"][0] == pytest.approx(1288.3472 ** 0.5 / 255, rel=1e-5)
-    assert spec["resize_mode"] == "squash" and spec["interpolation"] == "bilinear"
+    assert spec["resize_mode"] == "squash" and spec["interpolation"] == "bilinear" and spec["crop_pct"] == 1.0
+    assert json.loads(json.dumps(spec)) == spec and spec["size"] == 254
     assert K.build_sklesion_head().encode_meta("male", "back", 45.0).tolist() == \
         [0, 1, 0, 0, 0, 0, 1, 0, 0.5, 0]
     with pytest.raises(PipelineError, match="build_sklesion_head"):

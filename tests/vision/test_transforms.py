@@ -22,7 +22,7 @@ from lib.vision.augment import TrainTransform, train_pipeline
 from lib.vision.weights import lite_spec
 from tests.helpers import SAMPLE, TRAIN_IN, rgb, write_jpeg
 
-# What sklesion's spec holds (lib.vision.keras_convert.sklesion_spec; mean/std from its Keras model).
+# The form of sklesion's spec (lib.vision.keras_convert.sklesion_spec); mean/std values illustrative.
 SKLESION_SPEC = {"size": 254, "mean": [0.7612, 0.5463, 0.5664], "std": [0.1408, 0.1508, 0.1662],
                  "interpolation": "bilinear", "resize_mode": "squash", "crop_pct": 1.0}
 
