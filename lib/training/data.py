@@ -19,7 +19,8 @@ from lib.core.errors import PipelineError
 from lib.core.runtime import seed_for
 from lib.data.cache import read_rgb
 from lib.training.losses import class_weights
-from lib.vision.augment import TrainTransform, eval_transform
+from lib.vision.augment import TrainTransform
+from lib.vision.transforms import build_eval_transform, full_spec
 
 
 def model_modalities(info: dict, mcfg: dict) -> list[str]:
@@ -62,22 +63,29 @@ class Tabular:
 
 
 class LesionDataset(Dataset):
-    """Rows of a lesion table -> dict batches (see lib/models.py). Training items are (row, epoch)
-    pairs; evaluation items are row positions."""
+    """Rows of a lesion table -> dict batches (see lib/vision/models.py). Training items are (row, epoch)
+    pairs; evaluation items are row positions.
+
+    Images go through the transforms of one preprocessing `spec` (`lib.vision.backbones.model_spec`,
+    saved in model.pt): `build_eval_transform(spec)` for evaluation, `TrainTransform(spec, aug)` for
+    training. Older callers may pass `size`, `mean`, `std` instead (= a spec with only those: the
+    default short-side + center-crop view)."""
 
     def __init__(self, df: pd.DataFrame, folder: Path, modalities: list[str], classes: list[str],
-                 tab: Tabular, size: int, mean, std, train: bool = False, aug: dict | None = None,
-                 seed: int = 0, fold: int = 0, modality_dropout: float = 0.0, monet_dropout: float = 0.0) -> None:
+                 tab: Tabular, size: int | None = None, mean=None, std=None, train: bool = False,
+                 aug: dict | None = None, seed: int = 0, fold: int = 0, modality_dropout: float = 0.0,
+                 monet_dropout: float = 0.0, spec: dict | None = None) -> None:
         self.paths = {m: [str(folder / p) for p in df[f"path_{m}"]] for m in modalities}
         self.modalities = modalities
         ycols = [f"y_{c}" for c in classes]
         self.y = df[ycols].to_numpy(np.float32) if all(c in df for c in ycols) else \
             np.zeros((len(df), len(classes)), np.float32)
         self.meta, self.monet, self.mask = tab.arrays(df)
-        self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
+        self.spec = full_spec(dataset_spec(spec, size, mean, std))
         self.train, self.seed, self.fold = train, int(seed), int(fold)
         self.p_mod, self.p_monet = float(modality_dropout), float(monet_dropout)
-        self.tf = TrainTransform(size, aug, mean, std) if train else None
+        self.tf = TrainTransform(self.spec, aug) if train else None
+        self.eval_tf = build_eval_transform(self.spec)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -101,11 +109,22 @@ class LesionDataset(Dataset):
                 mask *= (rng.random(len(mask)) >= self.p_monet).astype(np.float32)
         else:
             for m in self.modalities:
-                out[f"img_{m}"] = eval_transform(read_rgb(self.paths[m][i]), self.size, self.mean, self.std)
+                out[f"img_{m}"] = self.eval_tf(read_rgb(self.paths[m][i]))
         out.update(meta=torch.tensor(self.meta[i]), monet=torch.tensor(self.monet[i]),
                    monet_mask=torch.tensor(mask), keep=torch.tensor(keep),
                    y=torch.tensor(self.y[i]), idx=torch.tensor(i))
         return out
+
+
+def dataset_spec(spec: dict | None, size: int | None, mean, std) -> dict:
+    """The preprocessing spec of a LesionDataset: `spec`, or one made of `size`/`mean`/`std`."""
+    if spec is None:
+        if size is None or mean is None or std is None:
+            raise ValueError("LesionDataset needs a preprocessing spec (or size, mean and std)")
+        return {"size": int(size), "mean": list(mean), "std": list(std)}
+    if size is not None or mean is not None or std is not None:
+        raise ValueError("LesionDataset: pass either spec or size/mean/std, not both")
+    return dict(spec)
 
 
 def _worker_init(_: int) -> None:

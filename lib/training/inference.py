@@ -26,6 +26,7 @@ from lib.training.data import (
 )
 from lib.training.optim import autocast
 from lib.vision.models import build_model
+from lib.vision.transforms import full_spec
 from lib.vision.tta import apply_view, parse_views
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,19 @@ def _table(ids, values: np.ndarray, cols: list[str]) -> pd.DataFrame:
 
 
 def load_fold_model(path: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """A fold's model.pt -> (eval model, its saved dict with `spec` completed by `saved_spec`)."""
     if not path.exists():
         raise PipelineError(f"{path} not found: train that experiment with 02_train_fold.py first")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     model = build_model(obj["model_cfg"], weights=None, **obj["model_args"])
     model.load_state_dict(obj["state_dict"])
-    return model.to(device).eval(), obj
+    return model.to(device).eval(), {**obj, "spec": saved_spec(obj)}
+
+
+def saved_spec(obj: dict) -> dict:
+    """The full preprocessing spec a fold model was trained with (`model.pt`'s `spec`); an older
+    model.pt that saved only size/mean/std gets the default short-side + center-crop view."""
+    return full_spec(obj["spec"])
 
 
 def extract_fold_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
@@ -125,7 +133,7 @@ def extract_fold_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, 
         tab = Tabular.from_state(obj["tabular"])
         mods = model_modalities({"modalities": obj["model_args"]["modalities"]}, mcfg)
         common = dict(folder=prep_dir(cfg), modalities=mods, classes=list(info["classes"]), tab=tab,
-                      size=spec["size"], mean=spec["mean"], std=spec["std"])
+                      spec=spec)
         rows = np.flatnonzero(train["fold"].to_numpy() == k)
         va = train.iloc[rows].reset_index(drop=True)
         held = pd.read_parquet(fold_dir(cfg, exp=exp, k=k) / "oof.parquet", columns=[ID])

@@ -1,11 +1,11 @@
-"""Image transforms for training (albumentations 2.x) and evaluation (the shared center crop).
+"""Image transforms for training (albumentations 2.x) and evaluation (the spec's eval view).
 
 Training: RandomResizedCrop to `train.img_size` (scale `aug.crop_scale`), then flips, transpose,
 90-degree rotations, Affine (shift/scale/rotate), color jitter, CLAHE, blur, Gaussian noise and
 coarse dropout, each with its probability from `train.aug` (0 disables), then normalization with
-the backbone's mean/std (`lib.backbones.preprocess_spec`). `aug.enabled: false` trains on the
-evaluation view. Evaluation: `lib.images.resize_center_crop` + `lib.images.to_tensor` (the exact
-path of `lib.images.EvalImages`, so OOF/test/features see the same pixels).
+the spec's mean/std (`lib.vision.backbones.preprocess_spec` with the training size).
+`aug.enabled: false` trains on the evaluation view. Evaluation: `lib.vision.transforms.build_eval_transform`
+of the same spec (the exact path of `EvalImages`, so OOF/test/features see the same pixels).
 
 Reproducibility: `TrainTransform.__call__(img, seed)` reseeds the pipeline for every image, so an
 augmented sample depends only on (seed, epoch, row, modality): not on DataLoader workers, ranks
@@ -14,7 +14,7 @@ or the order of loading.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import albumentations as A
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from lib.vision.transforms import resize_center_crop, to_tensor
+from lib.vision.transforms import build_eval_transform, to_tensor
 
 
 def train_pipeline(size: int, aug: dict[str, Any]) -> A.Compose:
@@ -55,20 +55,19 @@ def train_pipeline(size: int, aug: dict[str, Any]) -> A.Compose:
 
 
 class TrainTransform:
-    """uint8 RGB image + seed -> normalized float tensor [3, S, S] (augmented when enabled)."""
+    """uint8 RGB image + seed -> normalized float tensor [3, S, S] (augmented when enabled).
 
-    def __init__(self, size: int, aug: dict[str, Any], mean: Sequence[float], std: Sequence[float]) -> None:
-        self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
+    Built from a preprocessing spec (its `size`, `mean`, `std`; its eval view when `aug.enabled` is
+    false); the augmentation parameters come from `train.aug`."""
+
+    def __init__(self, spec: Mapping[str, Any], aug: dict[str, Any]) -> None:
+        self.eval_tf = build_eval_transform(spec)
+        self.size, self.mean, self.std = (self.eval_tf.spec[k] for k in ("size", "mean", "std"))
         self.enabled = bool(aug["enabled"])
         self.pipe = train_pipeline(self.size, aug) if self.enabled else None
 
     def __call__(self, img: np.ndarray, seed: int) -> torch.Tensor:
         if self.pipe is None:
-            return eval_transform(img, self.size, self.mean, self.std)
+            return self.eval_tf(img)
         self.pipe.set_random_state(np.random.default_rng(seed), random.Random(seed))
         return to_tensor(self.pipe(image=img)["image"], self.mean, self.std)
-
-
-def eval_transform(img: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The deterministic view used for validation, OOF, test and features (before TTA)."""
-    return to_tensor(resize_center_crop(img, size), mean, std)

@@ -11,19 +11,21 @@ from torch.utils.data import DataLoader
 
 from lib.core.progress import progress
 from lib.vision import backbones
-from lib.vision.transforms import EvalImages
+from lib.vision.transforms import DEFAULT_INTERPOLATION, EvalImages, full_spec
 from lib.vision.tta import apply_view
 
 
 def encoder_spec(enc: dict, views: list[str], cache_tag: str, keep_views: bool = False) -> dict:
-    """Everything that determines an encoder's embeddings (its cache key)."""
-    pre = backbones.preprocess_spec(enc["arch"], enc["weights"])
-    size = int(enc["size"] or pre["size"])
-    spec = {"arch": enc["arch"], "weights": enc["weights"], "size": size,
-            "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]],
-            "views": views, "image_cache": cache_tag}
-    if pre.get("resize_mode") == "squash":  # default (short side + center crop) is left out of the key
-        spec["resize_mode"] = "squash"
+    """Everything that determines an encoder's embeddings (its cache key); `embed_paths` builds the
+    evaluation view from it. View fields at their defaults (`shortest` with `bicubic`, `squash` with
+    `bilinear`; crop_pct is never applied) are left out, so keys made before they existed still hold."""
+    pre = full_spec(backbones.preprocess_spec(enc["arch"], enc["weights"]), enc["size"])
+    spec = {"arch": enc["arch"], "weights": enc["weights"], "size": pre["size"],
+            "mean": pre["mean"], "std": pre["std"], "views": views, "image_cache": cache_tag}
+    if pre["resize_mode"] != "shortest":
+        spec["resize_mode"] = pre["resize_mode"]
+    if pre["interpolation"] != DEFAULT_INTERPOLATION[pre["resize_mode"]]:
+        spec["interpolation"] = pre["interpolation"]
     if keep_views:  # one column block per view instead of the view average
         spec["keep_views"] = True
     return spec
@@ -41,7 +43,7 @@ def emb_columns(name: str, modality: str, dim: int) -> list[str]:
 def embed_paths(model: torch.nn.Module, paths: list[str], spec: dict, device: str, batch_size: int,
                 workers: int, desc: str, keep_views: bool = False) -> np.ndarray:
     """[N, F] embeddings averaged over the TTA views ([N, V, F] if keep_views)."""
-    ds = EvalImages(paths, spec["size"], spec["mean"], spec["std"], spec.get("resize_mode", "shortest"))
+    ds = EvalImages(paths, spec)
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                     persistent_workers=False, prefetch_factor=4 if workers else None)
     out = []

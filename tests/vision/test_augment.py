@@ -1,5 +1,5 @@
-"""lib.augment: the albumentations 2.x pipeline builds and runs, is reproducible per seed, and the
-evaluation view is the shared center crop."""
+"""lib.vision.augment: the albumentations 2.x pipeline builds and runs, is reproducible per seed, and
+disabled augmentation is the spec's evaluation view."""
 from __future__ import annotations
 
 import albumentations as A
@@ -7,10 +7,11 @@ import numpy as np
 import torch
 
 from lib.config.schema import TRAIN_DEFAULTS as DEFAULTS
-from lib.vision.augment import TrainTransform, eval_transform, train_pipeline
-from lib.vision.transforms import resize_center_crop, to_tensor
+from lib.vision.augment import TrainTransform, train_pipeline
+from lib.vision.transforms import build_eval_transform, resize_view, to_tensor
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+SPEC = {"size": 40, "mean": MEAN, "std": STD}
 
 
 def _img(h: int = 90, w: int = 120) -> np.ndarray:
@@ -34,7 +35,7 @@ def test_every_transform_builds_and_runs():
 
 
 def test_seeded_reproducible_and_varied():
-    tf = TrainTransform(40, DEFAULTS["aug"], MEAN, STD)
+    tf = TrainTransform(SPEC, DEFAULTS["aug"])
     img = _img()
     a, b, c = tf(img, 1), tf(img, 1), tf(img, 2)
     assert a.shape == (3, 40, 40) and a.dtype == torch.float32
@@ -42,9 +43,18 @@ def test_seeded_reproducible_and_varied():
     assert not torch.equal(a, c)
 
 
-def test_disabled_and_eval_are_the_center_crop():
+def test_disabled_is_the_eval_view_of_the_spec():
     img = _img()
-    ref = to_tensor(resize_center_crop(img, 40), MEAN, STD)
-    assert torch.equal(eval_transform(img, 40, MEAN, STD), ref)
-    tf = TrainTransform(40, {**DEFAULTS["aug"], "enabled": False}, MEAN, STD)
+    ref = to_tensor(resize_view(img, 40), MEAN, STD)
+    assert torch.equal(build_eval_transform(SPEC)(img), ref)
+    tf = TrainTransform(SPEC, {**DEFAULTS["aug"], "enabled": False})
     assert torch.equal(tf(img, 5), ref)
+    squash = {**SPEC, "resize_mode": "squash"}
+    tf = TrainTransform(squash, {**DEFAULTS["aug"], "enabled": False})
+    assert torch.equal(tf(img, 5), to_tensor(resize_view(img, 40, "squash"), MEAN, STD))
+
+
+def test_training_uses_spec_size_and_normalization():
+    tf = TrainTransform({**SPEC, "size": 24, "mean": [0.0] * 3, "std": [1.0] * 3}, DEFAULTS["aug"])
+    out = tf(_img(), 0)
+    assert out.shape == (3, 24, 24) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
