@@ -152,6 +152,9 @@ def validate(cfg: dict) -> None:
     if hw is not None and (set(hw) != set(s["heads"]) or sum(hw.values()) <= 0):
         _bad("stack.head_weights", hw, f"a weight >= 0 for each of stack.heads ({', '.join(s['heads'])}) "
                                        "with a positive sum, or null")
+    d = cfg["data"]
+    if d["task"] == "binary" and d["classes"] is not None and len(d["classes"]) != 1:
+        _bad("data.classes", d["classes"], "exactly one class (the positive one) for data.task binary")
     m = cfg["train"]["model"]
     if m["kind"] == "fusion" and m["fusion"] == "xattn" and m["xattn_dim"] % m["xattn_heads"]:
         _bad("train.model.xattn_dim", m["xattn_dim"],

@@ -114,6 +114,10 @@ def test_cross_key_rules():
     assert bad("train.model.fusion=xattn", "train.model.xattn_dim=10", "train.model.xattn_heads=4") == (
         "config: train.model.xattn_dim = 10 is not allowed: expected a multiple of train.model.xattn_heads (4)")
     load.load_config(None, ["train.model.kind=single", "train.model.fusion=xattn", "train.model.xattn_dim=10"])
+    assert bad("data.task=binary", "data.classes=[a, b]") == (
+        "config: data.classes = ['a', 'b'] is not allowed: expected exactly one class (the positive one) for "
+        "data.task binary")
+    load.load_config(None, ["data.task=binary", "data.classes=[malignant]"])
 
 
 @pytest.mark.parametrize("override, key, value", [
@@ -222,7 +226,7 @@ ML_LIBS = ("torch", "torchvision", "timm", "open_clip", "xgboost", "lightgbm", "
 
 
 def test_loading_configs_imports_no_ml_library():
-    code = ("import sys; from pathlib import Path; from lib.config.load import load_config\n"
+    code = ("import sys; from pathlib import Path; import lib.config.cli; from lib.config.load import load_config\n"
             "for p in sorted(Path('configs').rglob('*.yaml')): load_config(p)\n"
             f"print(sorted(m for m in {ML_LIBS!r} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
