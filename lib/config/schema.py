@@ -43,8 +43,8 @@ SAMPLERS = ("none", "weighted")                                              # l
 STACK_HEADS = ("xgb", "lgbm", "lr")                                          # lib.tabular.stackers
 IMBALANCE = ("balanced", "none")
 BLENDS = ("prob", "rank")                                                    # lib.evaluation.ensemble
-BLEND_METRICS = ("auto", "macro_dice_tuned", "macro_dice", "macro_auc", "balanced_accuracy", "macro_f1_argmax",
-                 "pauc", "neg_log_loss")                                     # which fit a task: ensemble
+BLEND_METRIC_NAMES = ("auto", "macro_dice_tuned", "macro_dice", "macro_auc", "balanced_accuracy",
+                      "macro_f1_argmax", "pauc", "neg_log_loss")         # which fit a task: ensemble.BLEND_METRICS
 DECISIONS = ("auto", "thresholds", "argmax", "raw")                          # lib.evaluation.submission
 DEVICE = r"auto|cpu|cuda(:[0-9]+)?"
 DEVICE_WORDS = "auto, cpu, cuda or cuda:N"
@@ -235,7 +235,7 @@ SCHEMA: dict[str, Any] = {
         "members": ListOf(Record(MEMBER_SPEC, shorthand="exp")),
         "blend": Choice("prob", BLENDS),  # prob | rank
         "optimize_weights": Bool(True),
-        "blend_metric": Choice("auto", BLEND_METRICS),  # OOF metric the weights maximize; auto: pauc (binary) else macro_dice_tuned
+        "blend_metric": Choice("auto", BLEND_METRIC_NAMES),  # OOF metric the weights maximize; auto: pauc (binary) else macro_dice_tuned
         "decision": Choice("auto", DECISIONS),  # auto | thresholds | argmax | raw (auto: better OOF; binary: raw; multilabel: thresholds)
         "logit_adjust_tau": Float(0.0, min=0),
         "report": Bool(True),

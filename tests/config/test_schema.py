@@ -200,7 +200,7 @@ def test_allowed_value_constants():
     assert set(schema.TTA_NAMES) == set(schema.TTA_VIEWS) | {"all8", "flips", "none"}
     with pytest.raises(TypeError):
         schema.TTA_ALIASES["x"] = ("id",)      # read-only: no module-level mutable state
-    assert schema.DECISIONS[0] == "auto" and "auto" in schema.BLEND_METRICS
+    assert schema.DECISIONS[0] == "auto" and "auto" in schema.BLEND_METRIC_NAMES
 
 
 def test_defaults_unchanged():
