@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
+from pathlib import Path
 
 from lib.config.load import load_config
 from lib.core.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -35,7 +40,7 @@ def cli_config(argv: list[str] | None, description: str,
                       ("output", "paths.output"), ("exp", "exp")):
         val = getattr(ns, flag)
         if val is not None:
-            ov.append(f"{key}={val}")
+            ov.append(f"{key}={json.dumps(val)}")  # a quoted YAML string: `--exp 2024` stays a name
     return load_config(ns.config, ov), ns
 
 
@@ -44,9 +49,17 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def stage_name(main_fn) -> str:
+    """The script a stage's `main` lives in (`02_train_fold.py`), else the command that runs."""
+    code = getattr(main_fn, "__code__", None)
+    return Path(code.co_filename if code else sys.argv[0]).name
+
+
 def run_script(main_fn, argv: list[str] | None, description: str,
                extra: list[tuple[tuple, dict]] | None = None) -> int:
-    """Entry point wrapper: user errors become one clear line and exit code 2."""
+    """Entry point wrapper: user errors become one clear line and exit code 2; Ctrl-C exits 130; a
+    finished stage logs one summary line with its wall time."""
+    t0 = time.perf_counter()
     try:
         cfg, ns = cli_config(argv, description, extra)
         main_fn(cfg, **{k: v for k, v in vars(ns).items()
@@ -58,4 +71,5 @@ def run_script(main_fn, argv: list[str] | None, description: str,
         print("interrupted; rerun the same command to continue (finished work is reused; 02 takes --resume "
               "to continue a half-finished fold)", file=sys.stderr)
         return 130
+    log.info("%s (exp %s): done in %.1f s", stage_name(main_fn), cfg["exp"], time.perf_counter() - t0)
     return 0

@@ -1,8 +1,10 @@
 """One strict YAML config system: defaults + experiment file (+ `base:` includes) + CLI overrides.
 
-Every key must exist in the defaults (unknown keys are an error, with a suggestion). Lists of
-dicts (e.g. `features.encoders`) are checked against their item schema. The resolved config is
-saved next to every artifact.
+Every key must exist in the schema (unknown keys are an error, with a suggestion). Lists of
+mappings (e.g. `features.encoders`) are checked against their item schema. Every value is then
+checked against its spec (`lib.config.schema`), before any stage does work: a bad one is a
+`ConfigError` naming the key, the value and what is allowed. The resolved config is saved next to
+every artifact.
 """
 from __future__ import annotations
 
@@ -15,20 +17,21 @@ from typing import Any
 
 import yaml
 
-from lib.config.schema import LIST_ITEMS, defaults
-from lib.core.errors import PipelineError
+from lib.config.schema import SCHEMA, defaults
+from lib.config.spec import ListOf, Record, check_section, show
+from lib.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent floats without a dot (`1e-3`), which PyYAML keeps as strings."""
+    """SafeLoader that also reads the exponent floats PyYAML (YAML 1.1) keeps as strings: `1e-3`, `1.5e2`."""
 
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def _yaml_load(text: str) -> Any:
@@ -41,48 +44,49 @@ def _suggest(key: str, options: list[str]) -> str:
 
 
 def _merge(base: dict, over: dict, schema: dict, where: str) -> dict:
-    """Deep-merge `over` into `base`, rejecting keys absent from `schema`."""
+    """Deep-merge `over` into `base`, rejecting keys absent from `schema` (a section of specs)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         path = f"{where}.{k}" if where else k
         if k not in schema:
-            raise PipelineError(f"config: unknown key '{path}'{_suggest(k, list(schema))}")
+            raise ConfigError(f"config: unknown key '{path}'{_suggest(k, list(schema))}")
         sch = schema[k]
-        if isinstance(sch, dict) and sch and path not in ("data.generic.image_cols",):
+        if isinstance(sch, dict):
             if v is None:  # an empty YAML section (`cache:` with every sub-key commented out)
                 v = {}
             if not isinstance(v, dict):
-                raise PipelineError(f"config: '{path}' is a section; set its keys ({', '.join(list(sch)[:6])}, ...), "
-                                    f"not a value ({v!r})")
+                raise ConfigError(f"config: '{path}' is a section; set its keys ({', '.join(list(sch)[:6])}, ...), "
+                                  f"not a value ({v!r})")
             out[k] = _merge(out.get(k) or {}, v, sch, path)
-        elif path in LIST_ITEMS:
-            out[k] = [_list_item(item, LIST_ITEMS[path], f"{path}[{i}]") for i, item in enumerate(v or [])]
+        elif isinstance(sch, ListOf) and isinstance(sch.item, Record) and isinstance(v, (list, type(None))):
+            out[k] = [_list_item(item, sch.item, f"{path}[{i}]") for i, item in enumerate(v or [])]
         else:
             out[k] = v
     return out
 
 
-def _list_item(item: Any, schema: dict, where: str) -> dict:
-    if isinstance(item, str) and "exp" in schema:
-        item = {"exp": item}
+def _list_item(item: Any, record: Record, where: str) -> dict:
+    """One item of a list of mappings, filled from its item schema (a bare string fills `shorthand`)."""
+    if isinstance(item, str) and record.shorthand:
+        item = {record.shorthand: item}
     if not isinstance(item, dict):
-        raise PipelineError(f"config: {where} must be a mapping, got {item!r}")
-    return _merge(schema, item, schema, where)
+        record.fail(item, where)
+    return _merge(record.default, item, record.fields, where)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read a YAML file, resolving `base:` (a path relative to the file, or a list of them)."""
     path = path.resolve()
     if path in seen:
-        raise PipelineError(f"config: circular base include at {path}")
+        raise ConfigError(f"config: circular base include at {path}")
     if not path.exists():
-        raise PipelineError(f"config: file not found: {path}")
+        raise ConfigError(f"config: file not found: {path}")
     try:
         raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise PipelineError(f"config: {path}: invalid YAML: {e}") from None
+        raise ConfigError(f"config: {path}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise PipelineError(f"config: {path}: top level must be a mapping")
+        raise ConfigError(f"config: {path}: top level must be a mapping")
     bases = raw.pop("base", None) or []
     merged: dict = {}
     for b in [bases] if isinstance(bases, str) else bases:
@@ -100,7 +104,7 @@ def _deep_update(a: dict, b: dict) -> dict:
 def parse_override(text: str) -> dict:
     """`a.b.c=value` (value parsed as YAML) -> nested dict."""
     if "=" not in text:
-        raise PipelineError(f"config override '{text}' must look like key.sub=value")
+        raise ConfigError(f"config override '{text}' must look like key.sub=value")
     key, val = text.split("=", 1)
     try:
         value = _yaml_load(val)
@@ -117,30 +121,45 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults <- YAML file (with bases) <- CLI overrides; strict; paths derived."""
-    schema = defaults()
-    cfg = copy.deepcopy(schema)
+    """Defaults <- YAML file (with bases) <- CLI overrides; strict on keys and values; paths derived."""
+    cfg = defaults()
     if path is not None:
-        cfg = _merge(cfg, _read_yaml(Path(path)), schema, "")
+        cfg = _merge(cfg, _read_yaml(Path(path)), SCHEMA, "")
     for o in overrides or []:
-        cfg = _merge(cfg, parse_override(o), schema, "")
+        cfg = _merge(cfg, parse_override(o), SCHEMA, "")
     return resolve(cfg)
 
 
 def resolve(cfg: dict) -> dict:
-    """Fill derived values (prep dir) and validate a few enums."""
+    """Check every value, then fill derived values (prep dir)."""
+    validate(cfg)
     cfg = copy.deepcopy(cfg)
-    d = cfg["data"]
-    if d["format"] not in ("milk10k", "ham10000", "isic2019", "isic2024", "generic"):
-        raise PipelineError(f"config: data.format '{d['format']}' unknown")
-    if cfg["cache"]["mode"] not in ("short_side", "pad", "none"):
-        raise PipelineError(f"config: cache.mode '{cfg['cache']['mode']}' unknown (short_side | pad | none)")
     if cfg["paths"]["prep"] is None:
-        name = Path(str(d["root"]).rstrip("/")).name or "data"
+        name = Path(str(cfg["data"]["root"]).rstrip("/")).name or "data"
         cfg["paths"]["prep"] = str(Path(cfg["paths"]["output"]) / "prep" / name)
-    names = [e["name"] for e in cfg["features"]["encoders"]]
-    if len(set(names)) != len(names) or any(not n for n in names):
-        raise PipelineError(f"config: features.encoders need unique non-empty names, got {names}")
     return cfg
 
 
+def validate(cfg: dict) -> None:
+    """Every value against its spec, then the few rules that tie keys together; ConfigError on the first bad one."""
+    check_section(SCHEMA, cfg)
+    names = [e["name"] for e in cfg["features"]["encoders"]]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        _bad("features.encoders", names, f"items with distinct names (repeated: {', '.join(dup)})")
+    s = cfg["stack"]
+    hw = s["head_weights"]
+    if hw is not None and (set(hw) != set(s["heads"]) or sum(hw.values()) <= 0):
+        _bad("stack.head_weights", hw, f"a weight >= 0 for each of stack.heads ({', '.join(s['heads'])}) "
+                                       "with a positive sum, or null")
+    d = cfg["data"]
+    if d["task"] == "binary" and d["classes"] is not None and len(d["classes"]) != 1:
+        _bad("data.classes", d["classes"], "exactly one class (the positive one) for data.task binary")
+    m = cfg["train"]["model"]
+    if m["kind"] == "fusion" and m["fusion"] == "xattn" and m["xattn_dim"] % m["xattn_heads"]:
+        _bad("train.model.xattn_dim", m["xattn_dim"],
+             f"a multiple of train.model.xattn_heads ({m['xattn_heads']})")
+
+
+def _bad(where: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"config: {where} = {show(value)} is not allowed: expected {expected}")

@@ -9,7 +9,7 @@ import yaml
 
 from lib.config import cli, load, schema
 from lib.core import artifacts
-from lib.core.errors import PipelineError
+from lib.core.errors import ConfigError, PipelineError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +66,9 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("a=/tmp/some dir/out", {"a": "/tmp/some dir/out"}),
     ("a=1e-3", {"a": 1e-3}),               # YAML 1.1 would keep this a string
     ("a=-2.5E+2", {"a": -250.0}),
+    ("a=1.5e2", {"a": 150.0}),             # YAML 1.1 needs a sign in the exponent
+    ("a=.5e-1", {"a": 0.05}),
+    ("a=1e3x", {"a": "1e3x"}),
     ("a={b: 1}", {"a": {"b": 1}}),
 ])
 def test_parse_override(text, expected):
@@ -120,14 +123,15 @@ def test_encoder_item_unknown_key(tmp_path):
 
 
 def test_encoder_item_must_be_mapping():
-    with pytest.raises(PipelineError, match=r"features\.encoders\[0\] must be a mapping"):
+    with pytest.raises(ConfigError, match=r"^config: features\.encoders\[0\] = 'lite0' is not allowed: "
+                                          r"expected a mapping with keys name, arch, weights, size, hub, tta$"):
         load.load_config(None, ["features.encoders=[lite0]"])
 
 
 def test_encoder_names_unique_and_non_empty():
-    with pytest.raises(PipelineError, match="unique non-empty names"):
-        load.load_config(None, ["features.encoders=[{name: a}, {name: a}]"])
-    with pytest.raises(PipelineError, match="unique non-empty names"):
+    with pytest.raises(ConfigError, match=r"features\.encoders = .* expected items with distinct names \(repeated: a\)"):
+        load.load_config(None, ["features.encoders=[{name: a, arch: x}, {name: b, arch: y}, {name: a, arch: z}]"])
+    with pytest.raises(ConfigError, match=r"features\.encoders\[0\]\.name = null is not allowed: expected a non-empty"):
         load.load_config(None, ["features.encoders=[{arch: resnet18}]"])
 
 
@@ -143,9 +147,9 @@ def test_free_form_image_cols_mapping_is_replaced_not_checked():
 
 # --------------------------------------------------------------------------- enums / derived paths
 def test_bad_enums():
-    with pytest.raises(PipelineError, match="data.format 'foo' unknown"):
+    with pytest.raises(ConfigError, match=r"^config: data\.format = 'foo' is not allowed: expected one of milk10k, "):
         load.load_config(None, ["data.format=foo"])
-    with pytest.raises(PipelineError, match="cache.mode 'crop' unknown"):
+    with pytest.raises(ConfigError, match=r"^config: cache\.mode = 'crop' is not allowed: expected one of short_side, pad"):
         load.load_config(None, ["cache.mode=crop"])
 
 
