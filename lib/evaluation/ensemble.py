@@ -23,6 +23,7 @@ import pandas as pd
 from scipy.stats import rankdata
 from sklearn.metrics import log_loss
 
+from lib.config.schema import BLENDS
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_same_ids
 from lib.evaluation import metrics as M
@@ -196,7 +197,7 @@ def blend(pred_tables: Sequence[pd.DataFrame], weights: Sequence[float] | None =
     probabilities; the result is a score in (0, 1), not a probability, so thresholds must be tuned
     on the rank-blended OOF. Tables must hold the same lesion_ids in the same order.
     """
-    if method not in ("prob", "rank"):
+    if method not in BLENDS:
         raise PipelineError(f"blend: method must be 'prob' or 'rank', got '{method}'")
     classes = _check_tables(pred_tables)
     w = _simplex(weights, len(pred_tables))
@@ -290,7 +291,7 @@ def optimize_blend_weights(oof_tables: Sequence[pd.DataFrame], truth_df: pd.Data
     single model on all rows (``single``) and of both blends (``score_pooled``,
     ``score_fold_avg``). Rank blends are ranked within the rows being scored.
     """
-    if method not in ("prob", "rank"):
+    if method not in BLENDS:
         raise PipelineError(f"blend: method must be 'prob' or 'rank', got '{method}'")
     classes = _check_tables(oof_tables)
     _, Y, _ = M.align_to_truth(truth_df, oof_tables[0], classes)

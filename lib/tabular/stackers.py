@@ -37,14 +37,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
-from lib.config.schema import STACK_DEFAULTS
+from lib.config.schema import STACK_DEFAULTS, STACK_HEADS
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_unique_ids
 from lib.core.progress import progress
 
 log = logging.getLogger(__name__)
 
-HEADS = ("xgb", "lgbm", "lr")
+HEADS = STACK_HEADS
 TREE_HEADS = ("xgb", "lgbm")
 _LGBM_EVAL_XY = "eval_X" in inspect.signature(LGBMClassifier.fit).parameters  # lightgbm >= 4.6
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.config.schema import LOSSES
 from lib.core.errors import PipelineError
 
-LOSSES = ("ce", "wce", "focal", "soft_f1", "focal_soft_f1", "asl", "bce")
 ONE_VS_REST = ("asl", "bce")   # sigmoid losses: valid for multiclass (one-hot) and multilabel
 EPS = 1e-7
 

@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lib.config.schema import FUSIONS, MODEL_KINDS
 from lib.core.errors import PipelineError
 from lib.vision.backbones import build_backbone, forward_tokens
 
 log = logging.getLogger(__name__)
 
-KINDS = ("single", "fusion")
-FUSIONS = ("concat", "xattn")
+KINDS = MODEL_KINDS
 
 
 def set_drop_path(encoder: nn.Module, rate: float) -> int:

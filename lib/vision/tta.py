@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from lib.config.schema import TTA_ALIASES, TTA_VIEWS
 from lib.core.errors import PipelineError
 
-DIHEDRAL = ["id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"]
-ALIASES = {"all8": DIHEDRAL, "flips": ["id", "hflip", "vflip", "rot180"], "none": ["id"]}
+DIHEDRAL = TTA_VIEWS          # the 8 views and the aliases are defined once, in the config schema
+ALIASES = TTA_ALIASES
 
 
 def parse_views(names: list[str] | str) -> list[str]:
@@ -15,7 +16,7 @@ def parse_views(names: list[str] | str) -> list[str]:
     for n in [names] if isinstance(names, str) else names:
         for v in ALIASES.get(n, [n]):
             if v not in DIHEDRAL:
-                raise PipelineError(f"unknown TTA view '{v}' (known: {DIHEDRAL} or {list(ALIASES)})")
+                raise PipelineError(f"unknown TTA view '{v}' (known: {list(DIHEDRAL)} or {list(ALIASES)})")
             if v not in out:
                 out.append(v)
     return out or ["id"]

@@ -60,8 +60,8 @@ def test_batch_and_channels_untouched(x):
 
 
 @pytest.mark.parametrize("names, expected", [
-    ("all8", tta.DIHEDRAL),
-    (["all8"], tta.DIHEDRAL),
+    ("all8", list(tta.DIHEDRAL)),
+    (["all8"], list(tta.DIHEDRAL)),
     ("flips", ["id", "hflip", "vflip", "rot180"]),
     ("none", ["id"]),
     (["hflip", "flips"], ["hflip", "id", "vflip", "rot180"]),      # order kept, duplicates dropped
