@@ -27,9 +27,16 @@ Per fold k (rows with `fold == k` are validation, the rest train):
 - validation every `val_every` epochs (and always after the last) with the TTA views `train.tta`,
   through the same code path as the test predictions; the last evaluation is the fold's OOF.
 
-Artifacts in `<output>/<exp>/fold{k}/`: checkpoint.pt (every epoch, atomic; deleted at the end
-unless `keep_checkpoint`), history.csv, oof.parquet (lesion_id + one logit column per class, the
-fold's rows), test_logits.parquet, model.pt (the OOF weights + what is needed to rebuild the model),
+Parts: `build_fold` -> `FoldRun` (everything the fold needs; writes nothing), `start_fold` (resume
+or start over, config.yaml), per epoch `lib.training.loop.train_one_epoch` / `validate` /
+`update_early_stopping` and `end_epoch` (history, checkpoint), then `finalize_fold`; `train_fold`
+is the orchestrator of these parts.
+
+Artifacts in `<output>/<exp>/fold{k}/`: checkpoint.pt (every epoch, atomic, `format_version`
+CHECKPOINT_VERSION + config fingerprint, see lib/training/checkpoint.py; deleted at the end unless
+`keep_checkpoint`), history.csv, oof.parquet (lesion_id + one logit column per class, the fold's
+rows), test_logits.parquet, model.pt (`format_version`, the OOF weights + what is needed to rebuild
+the model, and `spec`: the encoder's full preprocessing spec at `train.img_size`, JSON-able),
 config.yaml, summary.json (marks the fold done). When every fold is done: `<output>/<exp>/oof.parquet`
 and `test.parquet` (probabilities: softmax, or sigmoid for multilabel / binary, of the TTA-averaged logits;
 test averaged over folds) and cv.json (lib.report.cv_summary + training notes).
@@ -42,6 +49,7 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -263,7 +271,7 @@ def fold_summary(run: FoldRun, used: str, f1: float) -> dict[str, Any]:
             "images_per_s": float(np.mean([r["images_per_s"] for r in h])) if h else None, "views": run.views}
 
 
-def save_fold_model(run: FoldRun, path) -> None:
+def save_fold_model(run: FoldRun, path: Path) -> None:
     """model.pt: the OOF weights + what rebuilds the model and its inputs (full preprocessing spec)."""
     obj = {"format_version": CHECKPOINT_VERSION, "state_dict": module_state(run.eval_model),
            "model_cfg": run.tcfg["model"], "model_args": run.model_args, "tabular": run.tab.state(),
