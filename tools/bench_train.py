@@ -5,8 +5,9 @@
     python tools/bench_train.py -c configs/milk10k_sample/train_fusion.yaml --quick    # smoke (few steps)
 
 "real": cached JPEGs from disk -> LesionDataset (decode + augmentation) -> DataLoader -> model ->
-loss -> backward -> AdamW (+ clipping), exactly the objects lib.train uses. "synthetic": the same
-model, loss and optimizer fed tensors already in memory (the compute ceiling). Images/s counts
+loss -> backward -> AdamW (+ clipping, schedule, EMA), exactly stage 02's objects and step
+(lib.training.fold.build_fold on the config's first fold, lib.training.loop.train_step). "synthetic":
+the same model, loss and optimizer fed tensors already in memory (the compute ceiling). Images/s counts
 every image (a fusion lesion = 2 images). Model: `train.model` of the config with random weights
 (`weights: null`; speed does not depend on them). Levers, each changed alone from the baseline
 (channels_last on, amp off, no compile, default threads, `train.workers` workers):
@@ -27,54 +28,56 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as 02_train_fold.py; before torch is imported
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.config.cli import setup_logging
-from lib.config.load import load_config
-from lib.core.artifacts import prep_dir  # noqa: E402
+from lib.config.cli import setup_logging  # noqa: E402
+from lib.config.load import load_config  # noqa: E402
+from lib.core.runtime import torch_device  # noqa: E402
 from lib.data.dataset import load_dataset  # noqa: E402
-from lib.training import data as TD  # noqa: E402
 from lib.training import distributed as D  # noqa: E402
-from lib.training import optim as TO  # noqa: E402
-from lib.training.losses import Loss  # noqa: E402
-from lib.vision.backbones import preprocess_spec  # noqa: E402
-from lib.vision.models import build_model  # noqa: E402
+from lib.training.data import make_loader, to_device  # noqa: E402
+from lib.training.fold import build_fold  # noqa: E402
+from lib.training.loop import FoldRun, train_step  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
 
-def setup(cfg: dict, size: int, channels_last: bool):
-    info, train, _ = load_dataset(cfg)
-    tcfg, mcfg = cfg["train"], {**cfg["train"]["model"], "weights": None}
-    classes = list(info["classes"])
-    mods = TD.model_modalities(info, mcfg)
-    tab = TD.Tabular(info, train)
-    torch.manual_seed(0)
-    model = build_model(mcfg, len(classes), len(tab.meta_cols), len(tab.monet_cols), list(info["modalities"]), size)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(TO.param_groups(model, tcfg), lr=float(tcfg["lr"]))
-    y = train[[f"y_{c}" for c in classes]].to_numpy(np.float32)
-    loss_fn = Loss(tcfg["loss"], info.get("task", "multiclass"), y)
-    spec = preprocess_spec(cfg["train"]["model"]["arch"], None)
-    ds = TD.LesionDataset(train, prep_dir(cfg), mods, classes, tab, size, spec["mean"], spec["std"], train=True,
-                         aug=tcfg["aug"], seed=0, modality_dropout=tcfg["modality_dropout"],
-                         monet_dropout=tcfg["monet_dropout"])
-    return model, opt, loss_fn, ds, y, len(mods)
+def setup(cfg: dict, size: int, channels_last: bool = True, amp: str = "off", compile_: bool = False,
+          workers: int | None = None) -> FoldRun:
+    """The stage-02 objects (lib.training.fold.build_fold) of the config's first fold, random weights,
+    with the lever settings applied to a copy of the config."""
+    c = copy.deepcopy(cfg)
+    t = c["train"]
+    t["model"]["weights"] = None
+    t.update(img_size=size, channels_last=channels_last, amp=amp, compile=compile_)
+    if workers is not None:
+        t["workers"] = workers
+    info, train, _ = load_dataset(c)
+    k = int(sorted(train["fold"].unique())[0])
+    return build_fold(c, info, train, None, k, D.Dist(device=torch_device(c)))
 
 
-def step(fwd, model, opt, loss_fn, b, amp_dtype, clip: float) -> None:
-    with TO.autocast("cpu", amp_dtype):
-        z = fwd(b)
-    loss = loss_fn(z.float(), b["y"])
-    loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def synthetic_batches(run: FoldRun):
+    """One batch of random images (+ the real metadata / labels) on the device, repeated forever."""
+    bs = run.batch_size
+    dl = make_loader(torch.utils.data.Subset(run.ds_tr, list(range(bs))), 0, 0, batch_size=bs)
+    b = to_device(next(iter(dl)), run.device, run.channels_last)
+    b = {k: (v.new_empty(v.shape).normal_() if k.startswith("img_") else v) for k, v in b.items()}
+    if run.channels_last:
+        b = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v) for k, v in b.items()}
+    return iter(lambda: b, None)
+
+
+def real_batches(run: FoldRun):
+    """The fold's training loader (decode + augmentation), epoch after epoch, on the device."""
+    e = 0
+    while True:
+        run.sampler.set_epoch(e)
+        for batch in run.loader:
+            yield to_device(batch, run.device, run.channels_last)
+        e += 1
 
 
 def measure(cfg: dict, size: int, mode: str, steps: int, warmup: int, channels_last: bool = True,
@@ -83,41 +86,17 @@ def measure(cfg: dict, size: int, mode: str, steps: int, warmup: int, channels_l
     if threads:
         torch.set_num_threads(threads)
     try:
-        model, opt, loss_fn, ds, y, n_img = setup(cfg, size, channels_last)
-        model.train()
-        fwd = torch.compile(model) if compile_ else model
-        amp_dtype = torch.bfloat16 if amp == "bf16" else None
-        bs = int(cfg["train"]["batch_size"])
-        clip = float(cfg["train"]["clip_grad"])
-        if mode == "synthetic":
-            dl = TD._loader(torch.utils.data.Subset(ds, list(range(bs))), 0, 0, batch_size=bs)
-            b = TD.to_device(next(iter(dl)), "cpu", channels_last)
-            b = {k: (v.new_empty(v.shape).normal_() if k.startswith("img_") else v) for k, v in b.items()}
-            if channels_last:
-                b = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v) for k, v in b.items()}
-            batches = iter(lambda: b, None)
-        else:
-            w = TD.resolve_workers(int(cfg["train"]["workers"] if workers is None else workers))
-            sampler = D.GlobalBatchSampler(lambda e: TD.epoch_order(y, {"kind": "none", "power": 0}, 0, 0, e),
-                                           len(y), min(bs, len(y)), D.Dist())
-            dl = TD._loader(ds, w, 0, batch_sampler=sampler)
-
-            def gen():
-                e = 0
-                while True:
-                    sampler.set_epoch(e)
-                    for batch in dl:
-                        yield TD.to_device(batch, "cpu", channels_last)
-                    e += 1
-            batches = gen()
+        run = setup(cfg, size, channels_last, amp, compile_, workers)
+        run.model.train()
+        batches = synthetic_batches(run) if mode == "synthetic" else real_batches(run)
         n, t0 = 0, None
         for i in range(warmup + steps):
             if i == warmup:
                 t0 = time.perf_counter()
             b = next(batches)
-            step(fwd, model, opt, loss_fn, b, amp_dtype, clip)
+            train_step(run, b, last=True)
             if i >= warmup:
-                n += len(b["idx"]) * n_img
+                n += len(b["idx"]) * len(run.mods)
         return n / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old_threads)

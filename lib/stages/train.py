@@ -17,7 +17,7 @@ from lib.data.dataset import load_dataset
 from lib.evaluation.report import cv_summary, log_cv
 from lib.training import distributed as D
 from lib.training.fold import fingerprint, train_fold
-from lib.training.inference import _table, probabilities
+from lib.training.inference import prediction_table, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,11 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
             tests.append(probabilities(t[classes].to_numpy(), task))
     oof = pd.concat(parts, ignore_index=True).set_index(ID).loc[train[ID].to_numpy()].reset_index()
     assert_same_ids(oof, train, "OOF vs train", ordered=True)
-    oof_p = _table(oof[ID], probabilities(oof[classes].to_numpy(), task), classes)
+    oof_p = prediction_table(oof[ID], probabilities(oof[classes].to_numpy(), task), classes)
     root = exp_dir(cfg)
     write_parquet(oof_p, root / A.OOF)
     if test is not None:
-        write_parquet(_table(test[ID], np.mean(tests, 0), classes), root / A.TEST)
+        write_parquet(prediction_table(test[ID], np.mean(tests, 0), classes), root / A.TEST)
     es_used = any(s["early_stopping_used"] for s in sums)
     training = {"model": cfg["train"]["model"]["kind"], "fusion": cfg["train"]["model"]["fusion"],
                 "epochs": cfg["train"]["epochs"], "img_size": cfg["train"]["img_size"],

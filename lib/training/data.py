@@ -134,7 +134,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(ds: Dataset, workers: int, gen_seed: int, **kw) -> DataLoader:
+def make_loader(ds: Dataset, workers: int, gen_seed: int, **kw) -> DataLoader:
     if workers:
         # OpenCV's thread pool does not survive fork: a forked worker that touches it (even
         # cv2.setNumThreads) can deadlock. Tear it down here, in the parent, before forking.

@@ -27,56 +27,63 @@ Per fold k (rows with `fold == k` are validation, the rest train):
 - validation every `val_every` epochs (and always after the last) with the TTA views `train.tta`,
   through the same code path as the test predictions; the last evaluation is the fold's OOF.
 
-Artifacts in `<output>/<exp>/fold{k}/`: checkpoint.pt (every epoch, atomic; deleted at the end
-unless `keep_checkpoint`), history.csv, oof.parquet (lesion_id + one logit column per class, the
-fold's rows), test_logits.parquet, model.pt (the OOF weights + what is needed to rebuild the model),
+Parts: `build_fold` -> `FoldRun` (everything the fold needs; writes nothing), `start_fold` (resume
+or start over, config.yaml), per epoch `lib.training.loop.train_one_epoch` / `validate` /
+`update_early_stopping` and `end_epoch` (history, checkpoint), then `finalize_fold`; `train_fold`
+is the orchestrator of these parts.
+
+Artifacts in `<output>/<exp>/fold{k}/`: checkpoint.pt (every epoch, atomic, `format_version`
+CHECKPOINT_VERSION + config fingerprint, see lib/training/checkpoint.py; deleted at the end unless
+`keep_checkpoint`), history.csv, oof.parquet (lesion_id + one logit column per class, the fold's
+rows), test_logits.parquet, model.pt (`format_version`, the OOF weights + what is needed to rebuild
+the model, and `spec`: the encoder's full preprocessing spec at `train.img_size`, JSON-able),
 config.yaml, summary.json (marks the fold done). When every fold is done: `<output>/<exp>/oof.parquet`
 and `test.parquet` (probabilities: softmax, or sigmoid for multilabel / binary, of the TTA-averaged logits;
 test averaged over folds) and cv.json (lib.report.cv_summary + training notes).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from lib.core.artifacts import fold_dir, prep_dir, save_config
 from lib.core.errors import PipelineError
 from lib.core.io import ID, atomic_path, write_csv, write_json, write_parquet
-from lib.core.progress import progress
 from lib.core.runtime import seed_for, torch_device
 from lib.training import distributed as D
+from lib.training.checkpoint import CHECKPOINT_VERSION, Checkpointer
 from lib.training.data import (
     LesionDataset,
     Tabular,
-    _loader,
     epoch_order,
+    make_loader,
     model_modalities,
     resolve_workers,
-    to_device,
 )
-from lib.training.inference import _table, f1_scores, infer
+from lib.training.inference import f1_scores, prediction_table
+from lib.training.loop import (
+    FoldRun,
+    module_state,
+    predict,
+    should_validate,
+    train_one_epoch,
+    update_early_stopping,
+    validate,
+)
 from lib.training.losses import Loss
-from lib.training.optim import (
-    amp_setup,
-    autocast,
-    cosine_lambda,
-    freeze_blocks,
-    param_groups,
-    set_train_mode,
-)
-from lib.vision.backbones import preprocess_spec
+from lib.training.optim import amp_setup, cosine_lambda, freeze_blocks, param_groups
+from lib.vision.backbones import model_spec
 from lib.vision.models import build_model
 from lib.vision.tta import parse_views
 
@@ -103,279 +110,228 @@ def fingerprint(cfg: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-# ----------------------------------------------------------------------------- data
+def _jsonable(x: Any) -> Any:
+    """Tuples -> lists (recursively), so the spec reads the same from model.pt and from JSON."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
 
 
-# ----------------------------------------------------------------------------- model setup
+def fold_spec(mcfg: dict, img_size: int) -> dict:
+    """The full preprocessing spec of a fold model: the encoder's spec at the training size."""
+    return _jsonable(model_spec(mcfg["arch"], mcfg["weights"], img_size))
 
 
-# ----------------------------------------------------------------------------- inference
+# ----------------------------------------------------------------------------- setup
 
 
-# ----------------------------------------------------------------------------- one fold
-
-
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["random"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def train_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None, k: int,
-               resume: bool = False, d: D.Dist | None = None, stop_after: int | None = None) -> dict | None:
-    """Train fold k; write its artifacts (rank 0). Returns its summary, or None when stopped early
-    by `stop_after` (epochs completed in this call's run, for time-boxed runs and tests)."""
-    tcfg, mcfg = cfg["train"], cfg["train"]["model"]
-    d = d or D.Dist(device=torch_device(cfg))
-    device, out = d.device, fold_dir(cfg, k)
-    classes, task = list(info["classes"]), info.get("task", "multiclass")
+def _split(train: pd.DataFrame, k: int, d: D.Dist) -> tuple[pd.DataFrame, pd.DataFrame]:
     tr, va = train[train["fold"] != k].reset_index(drop=True), train[train["fold"] == k].reset_index(drop=True)
     if len(va) == 0:
         raise PipelineError(f"fold {k} has no rows (folds present: {sorted(train['fold'].unique().tolist())})")
     if len(tr) < d.world:
         raise PipelineError(f"fold {k}: only {len(tr)} training rows")
-    fp, seed = fingerprint(cfg), int(cfg["seed"])
-    ycols = [f"y_{c}" for c in classes]
-    y_tr = tr[ycols].to_numpy(np.float32)
-    spec = preprocess_spec(mcfg["arch"], mcfg["weights"])
-    size = int(tcfg["img_size"])
-    mods = model_modalities(info, mcfg)
-    tab = Tabular(info, tr)
-    amp_dtype, use_scaler = amp_setup(tcfg["amp"], device)
-    cl = bool(tcfg["channels_last"])
-    views = parse_views(tcfg["tta"])
-    if tcfg["bn"] not in ("train", "frozen", "sync"):
-        raise PipelineError(f"config: train.bn '{tcfg['bn']}' unknown (train | frozen | sync)")
+    return tr, va
 
-    # model, optimizer, schedule
-    seed_everything(seed_for(seed, k, 1))
-    model_args = {"n_classes": len(classes), "n_meta": len(tab.meta_cols), "n_monet": len(tab.monet_cols),
-                  "modalities": list(info["modalities"]), "img_size": size}
-    model = build_model(mcfg, **model_args)
+
+def _model(cfg: dict, k: int, model_args: dict, d: D.Dist) -> tuple[nn.Module, list[nn.Module], Any]:
+    """The fold's model on its device (heads seeded by (seed, fold)), its frozen BN modules, its EMA."""
+    tcfg = cfg["train"]
+    seed_everything(seed_for(int(cfg["seed"]), k, 1))
+    model = build_model(tcfg["model"], **model_args)
     frozen_bn = freeze_blocks(model, int(tcfg["freeze_blocks"]))
     if tcfg["bn"] == "sync" and d.enabled:
-        if not device.startswith("cuda"):
+        if not d.device.startswith("cuda"):
             raise PipelineError("config: train.bn=sync needs CUDA; on CPU use bn=frozen for exact DDP equivalence")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if cl:
+    model.to(d.device)
+    if tcfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
     ema = None
     if float(tcfg["ema"]) > 0:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=float(tcfg["ema"]))
-    opt = torch.optim.AdamW(param_groups(model, tcfg), lr=float(tcfg["lr"]),
-                            weight_decay=float(tcfg["weight_decay"]))
-    gb = int(tcfg["batch_size"])
-    if len(tr) < gb:
-        gb = max(d.world, len(tr) // d.world * d.world)
-        log.warning("fold %d: %d training rows < batch_size; using batch %d", k, len(tr), gb)
-    accum = max(1, int(tcfg["accum"]))
-    n_micro = len(tr) // gb
-    steps_per_epoch = math.ceil(n_micro / accum)
-    epochs = int(tcfg["epochs"])
-    total = steps_per_epoch * epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_lambda(total, int(round(float(tcfg["warmup_epochs"]) * steps_per_epoch))))
-    scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=use_scaler)
-    loss_fn = Loss(tcfg["loss"], task, y_tr).to(device)
+    return model, frozen_bn, ema
 
-    # data
-    folder = prep_dir(cfg)
-    common = dict(folder=folder, modalities=mods, classes=classes, tab=tab, size=size,
-                  mean=spec["mean"], std=spec["std"])
-    ds_tr = LesionDataset(tr, train=True, aug=tcfg["aug"], seed=seed, fold=k,
+
+def _batch(tcfg: dict, n_train: int, k: int, d: D.Dist) -> tuple[int, int, int]:
+    """(global micro-batch, accumulation steps, optimizer steps per epoch)."""
+    gb = int(tcfg["batch_size"])
+    if n_train < gb:
+        gb = max(d.world, n_train // d.world * d.world)
+        log.warning("fold %d: %d training rows < batch_size; using batch %d", k, n_train, gb)
+    accum = max(1, int(tcfg["accum"]))
+    return gb, accum, math.ceil(n_train // gb / accum)
+
+
+def _data(cfg: dict, k: int, tr: pd.DataFrame, va: pd.DataFrame, test: pd.DataFrame | None, classes: list[str],
+          mods: list[str], tab: Tabular, spec: dict) -> tuple[LesionDataset, LesionDataset, LesionDataset | None]:
+    """Training (augmented, seeded by (seed, fold, epoch, row)), validation and test datasets."""
+    tcfg, mcfg = cfg["train"], cfg["train"]["model"]
+    common = dict(folder=prep_dir(cfg), modalities=mods, classes=classes, tab=tab, spec=spec)
+    ds_tr = LesionDataset(tr, train=True, aug=tcfg["aug"], seed=int(cfg["seed"]), fold=k,
                           modality_dropout=float(tcfg["modality_dropout"]) if len(mods) > 1 else 0.0,
                           monet_dropout=float(tcfg["monet_dropout"]) if mcfg["use_monet"] else 0.0, **common)
     ds_va = LesionDataset(va, **common)
     ds_te = None if test is None or len(test) == 0 else LesionDataset(test, **common)
+    return ds_tr, ds_va, ds_te
+
+
+def build_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None, k: int,
+               d: D.Dist | None = None) -> FoldRun:
+    """Everything fold k's training needs: model (+ EMA, DDP / compile wrappers), AdamW with layer
+    decay, warmup-cosine schedule, scaler, loss, datasets, seeded global-batch sampler and loader.
+    Writes nothing; progress starts at epoch 0 (see `Checkpointer.restore` to resume)."""
+    tcfg, mcfg = cfg["train"], cfg["train"]["model"]
+    d = d or D.Dist(device=torch_device(cfg))
+    classes, task, seed = list(info["classes"]), info.get("task", "multiclass"), int(cfg["seed"])
+    tr, va = _split(train, k, d)
+    y_tr = tr[[f"y_{c}" for c in classes]].to_numpy(np.float32)
+    spec, mods, tab = fold_spec(mcfg, tcfg["img_size"]), model_modalities(info, mcfg), Tabular(info, tr)
+    amp_dtype, use_scaler = amp_setup(tcfg["amp"], d.device)
+    views = parse_views(tcfg["tta"])
+    if tcfg["bn"] not in ("train", "frozen", "sync"):
+        raise PipelineError(f"config: train.bn '{tcfg['bn']}' unknown (train | frozen | sync)")
+    model_args = {"n_classes": len(classes), "n_meta": len(tab.meta_cols), "n_monet": len(tab.monet_cols),
+                  "modalities": list(info["modalities"]), "img_size": spec["size"]}
+    model, frozen_bn, ema = _model(cfg, k, model_args, d)
+    opt = torch.optim.AdamW(param_groups(model, tcfg), lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
+    gb, accum, steps = _batch(tcfg, len(tr), k, d)
+    epochs = int(tcfg["epochs"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_lambda(steps * epochs, int(round(float(tcfg["warmup_epochs"]) * steps))))
+    scaler = torch.amp.GradScaler("cuda" if d.device.startswith("cuda") else "cpu", enabled=use_scaler)
+    loss_fn = Loss(tcfg["loss"], task, y_tr).to(d.device)
+    ds_tr, ds_va, ds_te = _data(cfg, k, tr, va, test, classes, mods, tab, spec)
     sampler = D.GlobalBatchSampler(lambda e: epoch_order(y_tr, tcfg["sampler"], seed, k, e), len(tr), gb, d)
     workers = resolve_workers(int(tcfg["workers"]))
-    dl_tr = _loader(ds_tr, workers, seed_for(seed, k, 7), batch_sampler=sampler, pin_memory=device.startswith("cuda"))
-
-    # state (fresh or resumed)
-    start, history, best, bad, step = 0, [], None, 0, 0
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        if resume:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if ck["fingerprint"] != fp:
-                raise PipelineError(f"{ckpt_path} was trained with another config (fingerprint {ck['fingerprint']} "
-                                    f"vs {fp}); delete it or rerun without --resume to start over")
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            if ema is not None:
-                ema.module.load_state_dict(ck["ema"])
-            start, history, best, bad, step = ck["epoch"], ck["history"], ck["best"], ck["bad_epochs"], ck["step"]
-            _set_rng_state(ck["rng"])
-            log.info("fold %d: resumed from %s after epoch %d", k, ckpt_path, start)
-        elif d.main:
-            log.warning("fold %d: %s exists; starting over (pass --resume to continue it)", k, ckpt_path)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-
+    loader = make_loader(ds_tr, workers, seed_for(seed, k, 7), batch_sampler=sampler,
+                         pin_memory=d.device.startswith("cuda"))
     wrapped: nn.Module = model
     if d.enabled:
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
-    fwd = torch.compile(wrapped) if tcfg["compile"] else wrapped
-    eval_model = ema.module if ema is not None and tcfg["use_ema_for_oof"] else model
-    es = tcfg["early_stopping"]
-    n_img = len(mods)
-    t_fold = time.time()
-    val_logits = None
-    log.info("fold %d: %d train / %d valid / %s test lesions, %s %s on %s, %d epochs x %d steps (batch %d x %d "
-             "accum, %d process(es)), amp %s", k, len(tr), len(va), 0 if ds_te is None else len(ds_te),
-             mcfg["kind"], mcfg["fusion"] if mcfg["kind"] == "fusion" else mcfg["modality"], device, epochs,
-             steps_per_epoch, gb, accum, d.world, amp_dtype)
+            model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
+    return FoldRun(
+        cfg=cfg, k=k, d=d, out=fold_dir(cfg, k), fingerprint=fingerprint(cfg), classes=classes, task=task,
+        tr=tr, va=va, test=test, spec=spec, mods=mods, tab=tab, model_args=model_args, model=model,
+        frozen_bn=frozen_bn, ema=ema, wrapped=wrapped, fwd=torch.compile(wrapped) if tcfg["compile"] else wrapped,
+        eval_model=ema.module if ema is not None and tcfg["use_ema_for_oof"] else model, opt=opt, sched=sched,
+        scaler=scaler, loss_fn=loss_fn, amp_dtype=amp_dtype, channels_last=bool(tcfg["channels_last"]),
+        views=views, batch_size=gb, accum=accum, steps_per_epoch=steps, epochs=epochs, ds_tr=ds_tr, ds_va=ds_va,
+        ds_te=ds_te, sampler=sampler, loader=loader, workers=workers)
 
-    for epoch in range(start, epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(seed_for(seed, k, epoch, 3, d.rank))  # in-model randomness (dropout, drop path)
-        set_train_mode(model, tcfg["bn"], frozen_bn)
-        t0 = time.time()
-        loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
-        bar = progress(len(sampler), f"fold {k} epoch {epoch + 1}/{epochs}", unit="batch", disable=not d.main)
-        opt.zero_grad(set_to_none=True)
-        for i, batch in enumerate(dl_tr):
-            b = to_device(batch, device, cl)
-            last = (i + 1) % accum == 0 or i + 1 == len(sampler)
-            sync = contextlib.nullcontext() if last or not d.enabled else wrapped.no_sync()
-            with sync:
-                with autocast(device, amp_dtype):
-                    logits = fwd(b)
-                loss = loss_fn(logits.float(), b["y"])
-                scaler.scale(loss / accum).backward()
-            if last:
-                if float(tcfg["clip_grad"]) > 0:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                             float(tcfg["clip_grad"]))
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                step += 1
-                if ema is not None:
-                    ema.update(model, step=step)
-            nb = len(batch["idx"])
-            loss_sum += float(loss.detach()) * nb
-            seen += nb
-            bar.update()
-            if i % max(1, int(tcfg["log_every"])) == 0 or i + 1 == len(sampler):
-                ips = seen * d.world * n_img / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", img_s=f"{ips:.1f}")
-        bar.close()
-        t_train = time.time() - t0
-        stats = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64)
-        if d.enabled:
-            torch.distributed.all_reduce(stats)
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(stats[0] / max(stats[1], 1)),
-                               "lr": float(opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)),
-                               "images_per_s": float(stats[1]) * n_img / max(t_train, 1e-9),
-                               "train_seconds": round(t_train, 2)}
-        final = epoch + 1 == epochs
-        do_val = final or bool(es["enabled"]) or (int(tcfg["val_every"]) > 0 and (epoch + 1) % int(tcfg["val_every"]) == 0)
-        stop = False
-        if do_val:
-            val_logits = infer(eval_model, eval_model, ds_va, views, device, gb, workers, amp_dtype, cl, d,
-                               desc=f"fold {k} valid")
-            with torch.no_grad():
-                vl = float(loss_fn(torch.tensor(val_logits, device=device), torch.tensor(ds_va.y, device=device)))
-            f1, per = f1_scores(ds_va.y, val_logits, task)
-            row.update({"val_loss": vl, "val_macro_f1": f1, **{f"f1_{c}": float(v) for c, v in zip(classes, per)}})
-            monitor = f1
-            if task == "binary":  # F1 at 0.5 is ~0 at low prevalence: monitor AUC instead
-                yv = ds_va.y
-                row["val_auc"] = monitor = float(roc_auc_score(yv[:, 0], val_logits[:, 0])) if 0 < yv.sum() < len(yv) else float("nan")
-                monitor = monitor if np.isfinite(monitor) else -np.inf
-            if es["enabled"]:
-                if best is None or monitor > best["f1"]:  # "f1": the monitored score (AUC for binary)
-                    best, bad = {"epoch": epoch + 1, "f1": monitor, "state": _state(eval_model), "val_logits": val_logits}, 0
-                else:
-                    bad += 1
-                    stop = bad >= int(es["patience"])
-        row["seconds"] = round(time.time() - t0, 2)
-        history.append(row)
-        log.info("fold %d epoch %d/%d: train loss %.4f%s | lr %.2e | %.1f img/s", k, epoch + 1, epochs,
-                 row["train_loss"], f" | val loss {row['val_loss']:.4f} macro F1 {row['val_macro_f1']:.4f}"
-                 if do_val else "", row["lr"], row["images_per_s"])
-        if d.main:
-            ck = {"model": _state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "scaler": scaler.state_dict(), "ema": None if ema is None else _state(ema.module),
-                  "epoch": epoch + 1, "step": step, "history": history, "best": best, "bad_epochs": bad,
-                  "rng": _rng_state(), "fingerprint": fp, "config": cfg}
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(ck, tmp)
-            write_csv(pd.DataFrame(history), out / "history.csv")
-        D.barrier(d)
-        if stop:
-            log.info("fold %d: early stopping after epoch %d (best epoch %d, macro F1 %.4f)", k, epoch + 1,
-                     best["epoch"], best["f1"])
-            break
-        if stop_after is not None and epoch + 1 - start >= stop_after and not final:
-            log.info("fold %d: stopping after epoch %d as asked (--stop-after); resume with --resume", k, epoch + 1)
-            return None
 
-    # final weights -> OOF, test, artifacts
-    if es["enabled"] and best is not None:
-        eval_model.load_state_dict(best["state"])
-        val_logits, used = best["val_logits"], f"best epoch {best['epoch']} (early stopping)"
-    else:
-        if val_logits is None:  # resumed after the last epoch's checkpoint but before the artifacts
-            val_logits = infer(eval_model, eval_model, ds_va, views, device, gb, workers, amp_dtype, cl, d,
-                               desc=f"fold {k} valid")
-        used = "EMA" if eval_model is not model else "last"
-    test_logits = None
-    if ds_te is not None:
-        test_logits = infer(eval_model, eval_model, ds_te, views, device, gb, workers, amp_dtype, cl, d,
-                            desc=f"fold {k} test")
-    f1, _ = f1_scores(ds_va.y, val_logits, task)
-    summary = {"fold": k, "fingerprint": fp, "epochs_run": len(history), "epochs": epochs,
-               "weights_for_oof": used, "early_stopping_used": bool(es["enabled"]),
-               "best_epoch": None if best is None else best["epoch"], "val_macro_f1": f1,
-               "n_train": len(tr), "n_valid": len(va), "n_test": 0 if ds_te is None else len(ds_te),
-               "world_size": d.world, "device": device, "seconds": round(time.time() - t_fold, 1),
-               "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
-               "views": views}
+# ----------------------------------------------------------------------------- one fold
+
+
+def start_fold(run: FoldRun, ckpt: Checkpointer, resume: bool) -> None:
+    """Resume from the checkpoint when asked (else warn that it is overwritten); write config.yaml."""
+    k, d = run.k, run.d
+    if ckpt.exists():
+        if resume:
+            ckpt.restore(run)
+            log.info("fold %d: resumed from %s after epoch %d", k, ckpt.path, run.epoch)
+        elif d.main:
+            log.warning("fold %d: %s exists; starting over (pass --resume to continue it)", k, ckpt.path)
     if d.main:
-        write_parquet(_table(va[ID], val_logits, classes), out / "oof.parquet")
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, run.out)
+    run.t_start = time.time()
+    mcfg = run.tcfg["model"]
+    log.info("fold %d: %d train / %d valid / %s test lesions, %s %s on %s, %d epochs x %d steps (batch %d x %d "
+             "accum, %d process(es)), amp %s", k, len(run.tr), len(run.va), 0 if run.ds_te is None else len(run.ds_te),
+             mcfg["kind"], mcfg["fusion"] if mcfg["kind"] == "fusion" else mcfg["modality"], run.device,
+             run.epochs, run.steps_per_epoch, run.batch_size, run.accum, d.world, run.amp_dtype)
+
+
+def end_epoch(run: FoldRun, row: dict[str, Any], ckpt: Checkpointer) -> None:
+    """Record the epoch's history row; rank 0 writes checkpoint.pt and history.csv."""
+    run.history.append(row)
+    run.epoch = row["epoch"]
+    log.info("fold %d epoch %d/%d: train loss %.4f%s | lr %.2e | %.1f img/s", run.k, run.epoch, run.epochs,
+             row["train_loss"], f" | val loss {row['val_loss']:.4f} macro F1 {row['val_macro_f1']:.4f}"
+             if "val_loss" in row else "", row["lr"], row["images_per_s"])
+    if run.d.main:
+        ckpt.save(run)
+        write_csv(pd.DataFrame(run.history), run.out / "history.csv")
+    D.barrier(run.d)
+
+
+def fold_summary(run: FoldRun, used: str, f1: float) -> dict[str, Any]:
+    es, h = run.tcfg["early_stopping"], run.history
+    return {"fold": run.k, "fingerprint": run.fingerprint, "epochs_run": len(h), "epochs": run.epochs,
+            "weights_for_oof": used, "early_stopping_used": bool(es["enabled"]),
+            "best_epoch": None if run.best is None else run.best["epoch"], "val_macro_f1": f1,
+            "n_train": len(run.tr), "n_valid": len(run.va), "n_test": 0 if run.ds_te is None else len(run.ds_te),
+            "world_size": run.d.world, "device": run.device, "seconds": round(time.time() - run.t_start, 1),
+            "images_per_s": float(np.mean([r["images_per_s"] for r in h])) if h else None, "views": run.views}
+
+
+def save_fold_model(run: FoldRun, path: Path) -> None:
+    """model.pt: the OOF weights + what rebuilds the model and its inputs (full preprocessing spec)."""
+    obj = {"format_version": CHECKPOINT_VERSION, "state_dict": module_state(run.eval_model),
+           "model_cfg": run.tcfg["model"], "model_args": run.model_args, "tabular": run.tab.state(),
+           "spec": run.spec, "classes": run.classes, "task": run.task, "fold": run.k,
+           "fingerprint": run.fingerprint}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def finalize_fold(run: FoldRun, ckpt: Checkpointer | None = None) -> dict[str, Any]:
+    """OOF / test logits with the final weights (best epoch under early stopping, else last or EMA);
+    rank 0 writes oof.parquet, test_logits.parquet, model.pt, summary.json and deletes the checkpoint
+    (unless `keep_checkpoint`). Returns the summary."""
+    if run.tcfg["early_stopping"]["enabled"] and run.best is not None:
+        run.eval_model.load_state_dict(run.best["state"])
+        val_logits, used = run.best["val_logits"], f"best epoch {run.best['epoch']} (early stopping)"
+    else:
+        val_logits = run.val_logits  # None when resumed after the last epoch's checkpoint
+        if val_logits is None:
+            val_logits = predict(run, run.ds_va, f"fold {run.k} valid")
+        used = "EMA" if run.eval_model is not run.model else "last"
+    test_logits = None if run.ds_te is None else predict(run, run.ds_te, f"fold {run.k} test")
+    f1, _ = f1_scores(run.ds_va.y, val_logits, run.task)
+    summary = fold_summary(run, used, f1)
+    if run.d.main:
+        write_parquet(prediction_table(run.va[ID], val_logits, run.classes), run.out / "oof.parquet")
         if test_logits is not None:
-            write_parquet(_table(test[ID], test_logits, classes), out / "test_logits.parquet")
-        with atomic_path(out / "model.pt") as tmp:
-            torch.save({"state_dict": _state(eval_model), "model_cfg": mcfg, "model_args": model_args,
-                        "tabular": tab.state(), "spec": {"size": size, "mean": list(spec["mean"]),
-                                                         "std": list(spec["std"])},
-                        "classes": classes, "task": task, "fold": k, "fingerprint": fp}, tmp)
-        write_json(summary, out / "summary.json")
-        if not tcfg["keep_checkpoint"] and ckpt_path.exists():
-            ckpt_path.unlink()
-        log.info("fold %d done: OOF macro F1 %.4f (%s weights, %s) in %.0fs", k, f1, used, "+".join(views),
+            write_parquet(prediction_table(run.test[ID], test_logits, run.classes), run.out / "test_logits.parquet")
+        save_fold_model(run, run.out / "model.pt")
+        write_json(summary, run.out / "summary.json")
+        if not run.tcfg["keep_checkpoint"]:
+            (ckpt or Checkpointer.of(run)).delete()
+        log.info("fold %d done: OOF macro F1 %.4f (%s weights, %s) in %.0fs", run.k, f1, used, "+".join(run.views),
                  summary["seconds"])
-    D.barrier(d)
+    D.barrier(run.d)
     return summary
 
 
-# ----------------------------------------------------------------------------- experiment
-
-
-# ----------------------------------------------------------------------------- features for stage 03
-
-
+def train_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None, k: int,
+               resume: bool = False, d: D.Dist | None = None, stop_after: int | None = None) -> dict | None:
+    """Train fold k; write its artifacts (rank 0). Returns its summary, or None when stopped early
+    by `stop_after` (epochs completed in this call's run, for time-boxed runs and tests)."""
+    run = build_fold(cfg, info, train, test, k, d)
+    ckpt = Checkpointer.of(run)
+    start_fold(run, ckpt, resume)
+    start = run.epoch
+    for epoch in range(start, run.epochs):
+        t0 = time.time()
+        row, stop = train_one_epoch(run, epoch), False
+        if should_validate(run, epoch):
+            run.val_logits, metrics = validate(run)
+            row.update(metrics)
+            if run.tcfg["early_stopping"]["enabled"]:
+                stop = update_early_stopping(run, epoch, run.val_logits, metrics)
+        row["seconds"] = round(time.time() - t0, 2)
+        end_epoch(run, row, ckpt)
+        if stop:
+            log.info("fold %d: early stopping after epoch %d (best epoch %d, macro F1 %.4f)", k, epoch + 1,
+                     run.best["epoch"], run.best["f1"])
+            break
+        if stop_after is not None and epoch + 1 - start >= stop_after and epoch + 1 < run.epochs:
+            log.info("fold %d: stopping after epoch %d as asked (--stop-after); resume with --resume", k, epoch + 1)
+            return None
+    return finalize_fold(run, ckpt)

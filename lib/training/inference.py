@@ -20,7 +20,7 @@ from lib.training import distributed as D
 from lib.training.data import (
     LesionDataset,
     Tabular,
-    _loader,
+    make_loader,
     model_modalities,
     to_device,
 )
@@ -63,7 +63,7 @@ def infer(fn, model: nn.Module, ds: LesionDataset, views: list[str], device: str
     Rows are sharded over ranks and gathered. The single path for validation, OOF, test, features."""
     model.eval()
     pos = D.shard(len(ds), d)
-    dl = _loader(torch.utils.data.Subset(ds, pos.tolist()), workers, 0, batch_size=batch_size, shuffle=False,
+    dl = make_loader(torch.utils.data.Subset(ds, pos.tolist()), workers, 0, batch_size=batch_size, shuffle=False,
                  pin_memory=device.startswith("cuda"))
     outs: list[np.ndarray] = []
     t0, n = time.time(), 0
@@ -87,7 +87,7 @@ def infer(fn, model: nn.Module, ds: LesionDataset, views: list[str], device: str
     return rows.astype(np.float32)
 
 
-def _table(ids, values: np.ndarray, cols: list[str]) -> pd.DataFrame:
+def prediction_table(ids, values: np.ndarray, cols: list[str]) -> pd.DataFrame:
     return pd.concat([pd.DataFrame({ID: np.asarray(ids).astype(str)}),
                       pd.DataFrame(np.asarray(values, np.float64), columns=cols)], axis=1)
 
@@ -155,12 +155,12 @@ def extract_fold_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, 
     assert feats is not None and not np.isnan(feats).any(), "every train row belongs to one fold"
     cols = [f"emb_{exp}_{i}" for i in range(feats.shape[1])]
     paths = {"train": out_dir / f"{exp}_train.parquet"}
-    write_parquet(_table(train[ID], feats, cols), paths["train"])
+    write_parquet(prediction_table(train[ID], feats, cols), paths["train"])
     write_json({**meta, "split": "train", "n": len(train), "source": "fold model of each row's own fold",
                 "seconds": round(time.time() - t0, 1)}, out_dir / f"{exp}_train.json")
     if test_sum is not None:
         paths["test"] = out_dir / f"{exp}_test.parquet"
-        write_parquet(_table(test[ID], test_sum, cols), paths["test"])
+        write_parquet(prediction_table(test[ID], test_sum, cols), paths["test"])
         write_json({**meta, "split": "test", "n": len(test), "source": "mean over fold models"},
                    out_dir / f"{exp}_test.json")
     log.info("%s: fold-model features %s for %d train%s lesions", exp, feats.shape[1:], len(train),

@@ -3,17 +3,16 @@
 equivalence, torchrun DDP == one process, samplers, optimizer groups, errors."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from lib.config.load import load_config
 from lib.config.schema import TRAIN_DEFAULTS
 from lib.core.errors import PipelineError
 from lib.core.io import read_json
@@ -22,40 +21,10 @@ from lib.training import data as TD
 from lib.training import distributed as D
 from lib.training import fold as T
 from lib.training import inference as TI
+from lib.training import loop as L
 from lib.training import optim as TO
-
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "input" / "milk10k_sample"
-
-
-@pytest.fixture(scope="session")
-def prep(tmp_path_factory) -> Path:
-    """Stage 01 on the sample into a session tmp output (shared by the tests of this file)."""
-    from lib.stages.prepare import run
-
-    out = tmp_path_factory.mktemp("out")
-    run(load_config(ROOT / "configs/milk10k_sample/base.yaml", [f"paths.output={out}", f"data.root={SAMPLE}"]))
-    return out
-
-
-def tiny(prep: Path, out: Path, exp: str, *extra: str) -> dict:
-    ov = [f"paths.output={out}", f"paths.prep={prep / 'prep' / 'milk10k_sample'}", f"data.root={SAMPLE}",
-          f"exp={exp}", "threads=1", "train.model.arch=test_efficientnet", "train.model.weights=null",
-          "train.model.hidden=16", "train.model.xattn_dim=16", "train.model.xattn_heads=2",
-          "train.model.xattn_queries=2", "train.model.msd=2", "train.img_size=64", "train.epochs=1",
-          "train.batch_size=32", "train.workers=0", "train.tta=[id]", "train.val_every=0", *extra]
-    return load_config(ROOT / "configs/milk10k_sample/base.yaml", ov)
-
-
-def data(cfg):
-    from lib.data.dataset import load_dataset
-
-    return load_dataset(cfg)
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-
+from lib.training.checkpoint import CHECKPOINT_VERSION, Checkpointer
+from tests.training.helpers import ROOT, SAMPLE, data, tiny, weights
 
 # ------------------------------------------------------------------ runs
 
@@ -277,5 +246,41 @@ def test_weighted_sampler_oversamples_binary_positives():
 def test_binary_task_uses_sigmoid_outputs():
     z = np.array([[2.0], [-1.0]])
     np.testing.assert_allclose(TI.probabilities(z, "binary")[:, 0], 1 / (1 + np.exp(-z[:, 0])))
-    f1, per = T.f1_scores(np.array([[1.0], [0.0]]), z, "binary")
+    f1, per = TI.f1_scores(np.array([[1.0], [0.0]]), z, "binary")
     assert f1 == 1.0 and per.tolist() == [1.0]
+
+
+def test_train_fold_equals_its_parts_and_finalize_writes_artifacts(prep, tmp_path):
+    """The orchestrator is build_fold + (train_one_epoch, validate, end_epoch) per epoch + finalize_fold."""
+    extra = ("train.model.kind=single", "train.epochs=2", "train.val_every=1")
+    a = tiny(prep, tmp_path, "t_orch", *extra)
+    info, train, test = data(a)
+    sa = T.train_fold(a, info, train, test, 2)
+    b = tiny(prep, tmp_path, "t_parts", *extra)
+    run = T.build_fold(b, info, train, test, 2)
+    ck = Checkpointer.of(run)
+    T.start_fold(run, ck, resume=False)
+    for epoch in range(run.epochs):
+        row = L.train_one_epoch(run, epoch)
+        run.val_logits, metrics = L.validate(run)
+        T.end_epoch(run, {**row, **metrics, "seconds": 0.0}, ck)
+        assert ck.exists()
+    sb = T.finalize_fold(run, ck)
+    fd = tmp_path / "t_parts" / "fold2"
+    for f in ("oof.parquet", "test_logits.parquet", "model.pt", "summary.json", "history.csv", "config.yaml"):
+        assert (fd / f).exists(), f
+    assert not ck.exists()
+    for f in ("oof.parquet", "test_logits.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t_orch/fold2" / f), pd.read_parquet(fd / f),
+                                      check_exact=True)
+    drop = ("seconds", "images_per_s")
+    assert {k: v for k, v in sa.items() if k not in drop} == {k: v for k, v in sb.items() if k not in drop}
+    assert read_json(fd / "summary.json")["weights_for_oof"] == "last"
+    ha, hb = (pd.read_csv(tmp_path / f"{e}/fold2/history.csv") for e in ("t_orch", "t_parts"))
+    np.testing.assert_array_equal(ha["train_loss"], hb["train_loss"])
+    obj = torch.load(fd / "model.pt", weights_only=False)
+    assert obj["format_version"] == CHECKPOINT_VERSION and obj["fold"] == 2
+    spec = json.loads(json.dumps(obj["spec"]))  # JSON-able, lists not tuples
+    assert spec == obj["spec"] and spec["size"] == 64
+    assert {"mean", "std", "interpolation", "resize_mode", "crop_pct"} <= set(spec)
+    assert isinstance(spec["mean"], list) and len(spec["std"]) == 3
