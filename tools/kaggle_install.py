@@ -67,7 +67,7 @@ def install(wheels: Path) -> float:
     check_wheels(wheels)
     t0 = time.time()
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels),
-           "--disable-pip-version-check", "--no-warn-script-location", "--quiet"]
+           "--disable-pip-version-check", "--no-warn-script-location", "--no-color", "--quiet"]
     _run([*pip, "-r", str(wheels / REQS)])
     if (wheels / NODEPS).is_file():
         _run([*pip, "--no-deps", "-r", str(wheels / NODEPS)])
@@ -77,7 +77,8 @@ def install(wheels: Path) -> float:
 def _run(cmd: list[str]) -> None:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        last = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()[-1]
+        lines = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()
+        last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1])
         raise PipelineError(f"offline pip install failed: {last}")
 
 

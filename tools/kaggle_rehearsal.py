@@ -41,11 +41,11 @@ import os
 import socket
 
 _LOG = os.environ.get("NET_GUARD_LOG", "")
-_LOCAL = ("127.", "::1", "localhost", "0.0.0.0", "")
-
-
 def _local(host):
-    return host is None or isinstance(host, (bytes, bytearray)) or str(host).startswith(_LOCAL)
+    if host is None or isinstance(host, (bytes, bytearray)):
+        return True
+    host = str(host)
+    return host in ("", "localhost", "::1", "0.0.0.0") or host.startswith("127.")
 
 
 def _refuse(what, host):
@@ -195,24 +195,27 @@ def cell_text(nb) -> str:
 
 
 def standin_dists(names: tuple[str, ...] = STANDIN_DISTS) -> list[importlib.metadata.Distribution]:
-    """Installed distributions of `names` and their (non-extra) dependencies, recursively."""
+    """Installed distributions of `names` and their dependencies (extras followed), recursively."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    seen: dict[str, importlib.metadata.Distribution] = {}
-    todo = list(names)
+    dists: dict[str, importlib.metadata.Distribution] = {}
+    seen: set[tuple[str, str]] = set()
+    todo = [(n, "") for n in names]
     while todo:
-        name = canonicalize_name(todo.pop())
-        if name in seen:
+        name, extra = todo.pop()
+        name = canonicalize_name(name)
+        if (name, extra) in seen:
             continue
+        seen.add((name, extra))
         try:
-            seen[name] = dist = importlib.metadata.distribution(name)
+            dist = dists.setdefault(name, importlib.metadata.distribution(name))
         except importlib.metadata.PackageNotFoundError:
             continue
         for r in map(Requirement, dist.requires or []):
-            if r.marker is None or r.marker.evaluate({"extra": ""}):
-                todo.append(r.name)
-    return list(seen.values())
+            if r.marker is None or r.marker.evaluate({"extra": extra}):
+                todo += [(r.name, "")] + [(r.name, e) for e in r.extras]
+    return list(dists.values())
 
 
 def link_standins(dst: Path) -> int:

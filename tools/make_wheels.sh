@@ -8,7 +8,7 @@
 #
 # Target: PY_VERSION (default 3.11, Kaggle's Python) and glibc GLIBC (default 2.35, Kaggle's Ubuntu
 # 22.04) on x86_64: every manylinux tag from manylinux_2_$GLIBC down to manylinux1 is accepted.
-# torch, torchvision and what only the CUDA build needs (nvidia-*, cuda-*, triton) are left out: the
+# torch, torchvision and what only they need (their CUDA stack: nvidia-*, triton) are left out: the
 # kernel's own torch is used. The dependency set is resolved once for the target (pip --dry-run
 # --report), then each wheel is downloaded without its dependencies.
 set -euo pipefail
@@ -34,12 +34,22 @@ trap 'rm -rf "$report" "$scratch"' EXIT
 "$PY" -m pip install --dry-run --ignore-installed --quiet --report "$report" --target "$scratch" "${target[@]}" \
   -r "$OUT/requirements-kaggle.txt"
 "$PY" - "$report" > "$OUT/pins.txt" <<'EOF'
+# What the requested packages need without going through torch/torchvision: their CUDA stack
+# (nvidia-*, triton) stays out, a CUDA library another package needs (xgboost: nccl) stays in.
 import json, re, sys
-skip = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
-for item in json.load(open(sys.argv[1]))["install"]:
-    name, version = item["metadata"]["name"], item["metadata"]["version"]
-    if not skip.match(name.lower().replace("_", "-")):
-        print(f"{name}=={version}")
+items = json.load(open(sys.argv[1]))["install"]
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+meta = {norm(i["metadata"]["name"]): i["metadata"] for i in items}
+todo = [norm(i["metadata"]["name"]) for i in items if i.get("requested")]
+keep = set()
+while todo:
+    name = todo.pop()
+    if name in keep or name in ("torch", "torchvision") or name not in meta:
+        continue
+    keep.add(name)
+    todo += [norm(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in meta[name].get("requires_dist") or []]
+for name in sorted(keep):
+    print(f"{meta[name]['name']}=={meta[name]['version']}")
 EOF
 "$PY" -m pip download --quiet --no-deps -d "$OUT" "${target[@]}" -r "$OUT/pins.txt"
 "$PY" -m pip download --quiet --no-deps -d "$OUT" "${target[@]}" -r "$OUT/requirements-nodeps.txt"
