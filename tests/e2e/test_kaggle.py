@@ -73,3 +73,18 @@ def test_no_network_and_nothing_written_into_code_or_data(kernel_run: dict) -> N
     for k in ("code", "data"):
         assert kr.digest_changes(kernel_run["before"][k], kr.tree_digest(kernel_run[k])) == [], k
     assert (kernel_run["work"] / "home").is_dir()  # HOME pointed into the writable work folder
+
+
+def test_recipe_with_sklesion_and_no_weights_stops_with_what_to_do(tmp_path: Path) -> None:
+    """The notebook's first cells only: a sklesion recipe without SKLESION_WEIGHTS stops at the weights cell."""
+    kr = _rehearsal()
+    params = dict(CODE_DIR=str(ROOT), WHEELS_DIR=None, DATA_DIR=None, WORK_DIR=str(tmp_path / "w"),
+                  RECIPE="configs/milk10k_dev", SKLESION_WEIGHTS=None, EXTRA_ARGS=[])
+    nb = kr.notebook_with_params(params)
+    weights = next(i for i, c in enumerate(nb.cells) if "uses_sklesion" in c.source)
+    nb.cells = nb.cells[:weights + 1]
+    env = kr.kernel_env(tmp_path, kr.write_net_guard(tmp_path / "guard"))
+    with pytest.raises(Exception) as e:
+        kr.execute_notebook(nb, tmp_path, env, timeout=300)
+    assert "uses the sklesion encoder but SKLESION_WEIGHTS is None" in str(e.value)
+    assert "export-sklesion" in str(e.value)
