@@ -42,7 +42,7 @@ EXTRA_ARGS = []                                   # config overrides for every s
 
 SETUP_MD = """## Setup
 Resolves the paths, keeps every write under `WORK_DIR` (Python byte-code, converted weights, matplotlib
-cache) and defines `run()`, which streams a command's output into the cell and stops the notebook
+cache), turns off the one network call a package makes by itself (albumentations' update check) and defines `run()`, which streams a command's output into the cell and stops the notebook
 with the command's last line when it fails (bad input exits with code 2 and one line)."""
 
 SETUP = """import json, os, subprocess, sys, time
@@ -54,6 +54,7 @@ os.environ["PYTHONPYCACHEPREFIX"] = str(WORK / ".pycache")      # never write .p
 os.environ["SKL_CACHE_DIR"] = str(WORK / "weights_cache")       # converted weights live here
 os.environ.setdefault("MPLCONFIGDIR", str(WORK / ".matplotlib"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")                     # no stage needs a hub
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")           # albumentations asks PyPI for updates at import
 TIMES = {}
 
 
