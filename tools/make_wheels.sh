@@ -12,8 +12,8 @@
 # kernel's own torch is used. The dependency set is resolved once for the target (pip --dry-run
 # --report), then each wheel is downloaded without its dependencies.
 set -euo pipefail
+OUT=$(realpath -m "${1:-wheels}")
 cd "$(dirname "$0")/.."
-OUT=${1:-wheels}
 PY_VERSION=${PY_VERSION:-3.11}
 GLIBC=${GLIBC:-2.35}
 PY=${PYTHON:-python}
