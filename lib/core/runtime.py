@@ -1,7 +1,10 @@
-"""Process-level runtime facts: the torch device a config asks for, the usable CPU cores."""
+"""Process-level runtime facts: the torch device a config asks for, the usable CPU cores, whether an
+output folder can be written."""
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -27,3 +30,21 @@ def cpu_count() -> int:
 def seed_for(*parts: int) -> int:
     """A 32-bit seed from integer parts (numpy SeedSequence)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Make sure `path` (a folder, created if absent) can be written; PipelineError in one line if not.
+
+    Probes with a real temporary file: permission bits lie for root and on read-only mounts
+    (e.g. a Kaggle `/kaggle/input/...` dataset).
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write_probe_"):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise PipelineError(f"output folder {p} is not writable ({reason}): "
+                            "pass a writable --output (on Kaggle: /kaggle/working/...)") from None
+    return p

