@@ -25,10 +25,21 @@ done
 stage 05_submit.py -c "$RECIPE/submit.yaml" "$@"
 if [ -f "$RECIPE/score.txt" ]; then
   # score.txt: "<truth csv> <submit exp> [task]" for a test split whose labels are held out
-  out=output; prev=""
-  for a in "$@"; do [ "$prev" = "--output" ] && out=$a; prev=$a; done
+  # The truth file belongs to the recipe's own data: with another --data / --test-data it is skipped.
+  out=output; prev=""; other_data=""
+  for a in "$@"; do
+    [ "$prev" = "--output" ] && out=$a
+    case "$a" in --data|--test-data|--data=*|--test-data=*) other_data=1 ;; esac
+    prev=$a
+  done
   read -r truth exp task < "$RECIPE/score.txt"
-  stage tools/score_submission.py --truth "$truth" --submission "$out/$exp/submission.csv" \
-    --json "$out/$exp/score.json" --task "${task:-auto}"
+  if [ -n "$other_data" ]; then
+    echo "=== scoring skipped: --data/--test-data given, $RECIPE/score.txt holds the labels of the recipe's own data"
+  elif [ ! -f "$truth" ]; then
+    echo "=== scoring skipped: held-out labels $truth not found"
+  else
+    stage tools/score_submission.py --truth "$truth" --submission "$out/$exp/submission.csv" \
+      --json "$out/$exp/score.json" --task "${task:-auto}"
+  fi
 fi
 echo "=== done in $(( $(date +%s) - t0 ))s"

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from lib.config.load import load_config
 from lib.core.errors import PipelineError
+from lib.core.runtime import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,14 @@ def stage_name(main_fn) -> str:
     return Path(code.co_filename if code else sys.argv[0]).name
 
 
+def apply_paths(cfg: dict) -> None:
+    """Before any work: the output folder must be writable (one-line error if not), and
+    `paths.weights_cache` (when set) is where converted weights are looked up and cached."""
+    check_writable(cfg["paths"]["output"])
+    if cfg["paths"]["weights_cache"]:
+        os.environ["SKL_CACHE_DIR"] = str(cfg["paths"]["weights_cache"])
+
+
 def run_script(main_fn, argv: list[str] | None, description: str,
                extra: list[tuple[tuple, dict]] | None = None) -> int:
     """Entry point wrapper: user errors become one clear line and exit code 2; Ctrl-C exits 130; a
@@ -62,6 +72,7 @@ def run_script(main_fn, argv: list[str] | None, description: str,
     t0 = time.perf_counter()
     try:
         cfg, ns = cli_config(argv, description, extra)
+        apply_paths(cfg)
         main_fn(cfg, **{k: v for k, v in vars(ns).items()
                         if k not in ("config", "data", "test_data", "output", "exp", "verbose", "overrides")})
     except PipelineError as e:

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from lib.core.artifacts import fold_dir, prep_dir
-from lib.core.errors import PipelineError
+from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import ID, write_json, write_parquet
 from lib.core.progress import progress
 from lib.core.runtime import torch_device
 from lib.training import distributed as D
+from lib.training.checkpoint import CHECKPOINT_VERSION
 from lib.training.data import (
     LesionDataset,
     Tabular,
@@ -97,6 +98,10 @@ def load_fold_model(path: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     if not path.exists():
         raise PipelineError(f"{path} not found: train that experiment with 02_train_fold.py first")
     obj = torch.load(path, map_location="cpu", weights_only=False)
+    version = obj.get("format_version")
+    if version is not None and version != CHECKPOINT_VERSION:
+        raise MissingArtifactError(f"{path} has model format version {version} (this code reads "
+                                   f"{CHECKPOINT_VERSION}): retrain that experiment with 02_train_fold.py")
     model = build_model(obj["model_cfg"], weights=None, **obj["model_args"])
     model.load_state_dict(obj["state_dict"])
     return model.to(device).eval(), {**obj, "spec": saved_spec(obj)}

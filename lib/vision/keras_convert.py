@@ -145,7 +145,13 @@ def convert_sklesion(force: bool = False) -> Path:
     if out.is_file() and not force:
         return out
     log.info("converting sklesion %s Keras model -> %s", version, out)
-    km = load_sklesion_keras()
+    try:
+        km = load_sklesion_keras()
+    except PipelineError as e:
+        raise PipelineError(f"sklesion weights: no converted file {out.name} in {out.parent} and they cannot be "
+                            f"converted here ({e}); convert once where Keras 3 is installed (python "
+                            "tools/kaggle_install.py export-sklesion) and put the file in that folder, or point "
+                            "paths.weights_cache / SKL_CACHE_DIR at the folder that holds it") from None
     xc = km.get_layer("xception")
     model = create_timm(SKLESION_ARCH, pretrained=False)
     model.reset_classifier(0)
