@@ -220,7 +220,7 @@ SCHEMA: dict[str, Any] = {
         "keep_views": Bool(False),
         "batch_size": Int(32, min=1),
         "workers": Int(0, min=-1),        # DataLoader workers for decoding (0 = main process: fastest on 2 cores; -1 = cores - 1)
-        "from_exps": ListOf(Str()),       # trained experiments whose fold models give penultimate features
+        "from_exps": ListOf(Str()),       # trained experiments whose fold models give class logits (aligned across folds; own-fold OOF for train rows, fold mean for test)
     },
     "stack": {
         "features": ListOf(Str()),        # encoder names from features.encoders to use

@@ -75,6 +75,7 @@ REPORT = "report.md"
 REPORT_DIR = "report"
 
 CV_SCHEMA_VERSION = 1
+CHECKPOINT_VERSION = 1               # `format_version` of fold{k}/checkpoint.pt and model.pt
 MANIFEST_SCHEMA_VERSION = 1
 STAGES = {  # stage name -> (number, script)
     "prepare": ("01", "01_preprocess.py"),

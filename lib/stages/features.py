@@ -17,7 +17,7 @@ from lib.core.errors import PipelineError
 from lib.core.io import ID, write_json, write_parquet
 from lib.core.runtime import torch_device
 from lib.data.dataset import load_dataset
-from lib.training.inference import extract_fold_features
+from lib.training.inference import fold_logit_features
 from lib.vision import backbones
 from lib.vision.embed import emb_columns, embed_paths, encoder_spec, spec_key
 from lib.vision.tta import parse_views
@@ -91,9 +91,9 @@ def run(cfg: dict) -> None:
             _link(src, out / A.features_file(enc["name"], split))
             shutil.copyfile(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
     if cfg["features"]["from_exps"]:
-
         for e in cfg["features"]["from_exps"]:
-            extract_fold_features(cfg, e, info, train, test, out)
+            A.require_same_folds(cfg, A.exp_folder(cfg, e), "features.from_exps", e)
+            fold_logit_features(cfg, e, info, train, test, out)
     save_config(cfg, out)
     inputs = [A.input_record(cfg, prep_dir(cfg), "prep")]
     inputs += [A.input_record(cfg, A.exp_folder(cfg, e), "from_exp") for e in cfg["features"]["from_exps"]]

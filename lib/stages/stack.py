@@ -63,6 +63,10 @@ def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame 
             if cols:
                 blocks[f"emb_{name}_{m}"] = cols
         rest = [c for c in ftr.columns if c != ID and not any(c in b for b in blocks.values())]
+        logits = [c for c in rest if c.startswith(f"logit_{name}_")]   # fold-model logits (features.from_exps)
+        if logits:
+            blocks[f"logit_{name}"] = logits
+        rest = [c for c in rest if c not in logits]
         if rest:
             blocks[f"emb_{name}"] = rest
     for exp in s["oof_exps"]:

@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from lib.core.artifacts import (
+    CHECKPOINT_VERSION,  # stored as `format_version` in checkpoint.pt and model.pt
+)
 from lib.core.errors import MissingArtifactError
 from lib.core.io import atomic_path
 from lib.training.loop import FoldRun, module_state
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1  # stored as `format_version` in checkpoint.pt and model.pt
 CHECKPOINT_NAME = "checkpoint.pt"
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lib.config.schema import SAMPLERS
 from lib.core.errors import PipelineError
 from lib.core.runtime import seed_for
 from lib.data.cache import read_rgb
@@ -168,11 +169,10 @@ def epoch_order(y: np.ndarray, sampler: dict, seed: int, fold: int, epoch: int) 
     g.manual_seed(seed_for(seed, fold, epoch, 101))
     n = len(y)
     if sampler["kind"] == "weighted":
-
         none = np.asarray(y).max(1) <= 0  # binary / multilabel rows without a positive: their own "class"
         ext = np.concatenate([y, none[:, None]], 1) if none.any() else np.asarray(y)
         w = (ext * class_weights(ext, sampler["power"])[None, :]).max(1)
         return torch.multinomial(torch.from_numpy(w).double(), n, replacement=True, generator=g).numpy()
-    if sampler["kind"] != "none":
-        raise PipelineError(f"config: train.sampler.kind '{sampler['kind']}' unknown (none | weighted)")
+    if sampler["kind"] not in SAMPLERS:
+        raise PipelineError(f"config: train.sampler.kind '{sampler['kind']}' unknown ({' | '.join(SAMPLERS)})")
     return torch.randperm(n, generator=g).numpy()

@@ -57,6 +57,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lib.config.schema import BN_MODES
 from lib.core.artifacts import fold_dir, prep_dir, save_config
 from lib.core.errors import PipelineError
 from lib.core.io import ID, atomic_path, write_csv, write_json, write_parquet
@@ -193,8 +194,8 @@ def build_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | 
     spec, mods, tab = fold_spec(mcfg, tcfg["img_size"]), model_modalities(info, mcfg), Tabular(info, tr)
     amp_dtype, use_scaler = amp_setup(tcfg["amp"], d.device)
     views = parse_views(tcfg["tta"])
-    if tcfg["bn"] not in ("train", "frozen", "sync"):
-        raise PipelineError(f"config: train.bn '{tcfg['bn']}' unknown (train | frozen | sync)")
+    if tcfg["bn"] not in BN_MODES:
+        raise PipelineError(f"config: train.bn '{tcfg['bn']}' unknown ({' | '.join(BN_MODES)})")
     model_args = {"n_classes": len(classes), "n_meta": len(tab.meta_cols), "n_monet": len(tab.monet_cols),
                   "modalities": list(info["modalities"]), "img_size": spec["size"]}
     model, frozen_bn, ema = _model(cfg, k, model_args, d)

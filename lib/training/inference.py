@@ -4,31 +4,26 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from lib.core.artifacts import fold_dir, prep_dir
+from lib.core.artifacts import CHECKPOINT_VERSION, fold_dir
 from lib.core.errors import MissingArtifactError, PipelineError
-from lib.core.io import ID, write_json, write_parquet
+from lib.core.io import ID, assert_same_ids, write_json, write_parquet
 from lib.core.progress import progress
-from lib.core.runtime import torch_device
 from lib.training import distributed as D
-from lib.training.checkpoint import CHECKPOINT_VERSION
 from lib.training.data import (
     LesionDataset,
-    Tabular,
     make_loader,
-    model_modalities,
     to_device,
 )
 from lib.training.optim import autocast
 from lib.vision.models import build_model
 from lib.vision.transforms import full_spec
-from lib.vision.tta import apply_view, parse_views
+from lib.vision.tta import apply_view
 
 log = logging.getLogger(__name__)
 
@@ -113,61 +108,57 @@ def saved_spec(obj: dict) -> dict:
     return full_spec(obj["spec"])
 
 
-def extract_fold_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
-                          out_dir: str | Path) -> dict[str, Path]:
-    """Penultimate (neck) features of experiment `exp`'s fold models: a train lesion's vector comes
-    from the model of its own fold (which never trained on it), test vectors are averaged over the
-    fold models. TTA views from `features.tta`. Writes `<out_dir>/<exp>_{train,test}.parquet`
-    (lesion_id + emb_<exp>_<i>) and a json sidecar each."""
-    out_dir = Path(out_dir)
-    device = torch_device(cfg)
-    views = parse_views(cfg["features"]["tta"])
-    bs, workers = int(cfg["features"]["batch_size"]), max(0, int(cfg["features"]["workers"]))
-    d = D.Dist(device=device)
+def fold_logit_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
+                        out_dir: str | Path) -> dict[str, Path]:
+    """Class logits of experiment `exp`'s fold models as stacker features (`features.from_exps`).
+
+    Only outputs that mean the same thing in every fold model are used: logit column c is class c
+    in each of them. (Penultimate features are not: each fold model's neck is its own random basis,
+    so a stacker would see train rows in four bases and test rows in the mean of five.) A train
+    lesion's logits come from the model of its own fold, which never trained on it (the fold's
+    TTA-averaged OOF logits, `fold{k}/oof.parquet`); test logits are the mean over the fold models
+    (`fold{k}/test_logits.parquet`). Writes `<out_dir>/<exp>_{train,test}.parquet` (lesion_id +
+    `logit_<exp>_<class>`) and a json sidecar each."""
+    out_dir, classes = Path(out_dir), list(info["classes"])
     folds = sorted(int(f) for f in train["fold"].unique())
-    feats: np.ndarray | None = None
-    test_sum: np.ndarray | None = None
-    meta: dict[str, Any] = {}
-    t0 = time.time()
+    cols = [f"logit_{exp}_{c}" for c in classes]
+    parts, tests = [], []
     for k in folds:
-        path = fold_dir(cfg, k, exp) / "model.pt"
-        model, obj = load_fold_model(path, device)
-        mcfg, spec = obj["model_cfg"], obj["spec"]
-        if obj["classes"] != list(info["classes"]):
-            raise PipelineError(f"{path}: trained on classes {obj['classes']}, data has {info['classes']}")
-        tab = Tabular.from_state(obj["tabular"])
-        mods = model_modalities({"modalities": obj["model_args"]["modalities"]}, mcfg)
-        common = dict(folder=prep_dir(cfg), modalities=mods, classes=list(info["classes"]), tab=tab,
-                      spec=spec)
-        rows = np.flatnonzero(train["fold"].to_numpy() == k)
-        va = train.iloc[rows].reset_index(drop=True)
-        held = pd.read_parquet(fold_dir(cfg, exp=exp, k=k) / "oof.parquet", columns=[ID])
-        if set(held[ID]) != set(va[ID]):  # the fold model must not have trained on these rows
-            raise PipelineError(f"{exp} fold {k} was validated on other lesions than this data's fold {k} "
-                                "(different prep/folds): its features would leak; retrain or use the same prep")
-        f = infer(model.features, model, LesionDataset(va, **common), views, device, bs, workers, None,
-                  False, d, desc=f"{exp} fold {k} features")
-        if feats is None:
-            feats = np.full((len(train), f.shape[1]), np.nan, np.float32)
-        feats[rows] = f
-        if test is not None and len(test):
-            ft = infer(model.features, model, LesionDataset(test, **common), views, device, bs, workers, None,
-                       False, d, desc=f"{exp} fold {k} test features")
-            test_sum = ft / len(folds) if test_sum is None else test_sum + ft / len(folds)
-        meta = {"exp": exp, "arch": mcfg["arch"], "kind": mcfg["kind"], "fusion": mcfg["fusion"],
-                "size": spec["size"], "views": views, "folds": folds, "dim": int(f.shape[1]),
-                "fingerprint": obj["fingerprint"]}
-    assert feats is not None and not np.isnan(feats).any(), "every train row belongs to one fold"
-    cols = [f"emb_{exp}_{i}" for i in range(feats.shape[1])]
+        oof, te = _fold_logits(cfg, exp, k, train[train["fold"] == k], test, classes)
+        parts.append(oof)
+        if te is not None:
+            tests.append(te[classes].to_numpy(np.float64))
+    oof = pd.concat(parts, ignore_index=True).set_index(ID).loc[train[ID].to_numpy()].reset_index()
+    meta = {"exp": exp, "kind": "fold-model class logits", "folds": folds, "dim": len(cols)}
     paths = {"train": out_dir / f"{exp}_train.parquet"}
-    write_parquet(prediction_table(train[ID], feats, cols), paths["train"])
-    write_json({**meta, "split": "train", "n": len(train), "source": "fold model of each row's own fold",
-                "seconds": round(time.time() - t0, 1)}, out_dir / f"{exp}_train.json")
-    if test_sum is not None:
+    write_parquet(prediction_table(train[ID], oof[classes].to_numpy(), cols), paths["train"])
+    write_json({**meta, "split": "train", "n": len(train), "source": "OOF logits of each row's own fold model"},
+               out_dir / f"{exp}_train.json")
+    if tests:
         paths["test"] = out_dir / f"{exp}_test.parquet"
-        write_parquet(prediction_table(test[ID], test_sum, cols), paths["test"])
-        write_json({**meta, "split": "test", "n": len(test), "source": "mean over fold models"},
+        write_parquet(prediction_table(test[ID], np.mean(tests, 0), cols), paths["test"])
+        write_json({**meta, "split": "test", "n": len(test), "source": "mean of the fold models' test logits"},
                    out_dir / f"{exp}_test.json")
-    log.info("%s: fold-model features %s for %d train%s lesions", exp, feats.shape[1:], len(train),
-             "" if test_sum is None else f" + {len(test)} test")
+    log.info("%s: fold-model logits (%d classes) for %d train%s lesions", exp, len(cols), len(train),
+             "" if not tests else f" + {len(test)} test")
     return paths
+
+
+def _fold_logits(cfg: dict, exp: str, k: int, rows: pd.DataFrame, test: pd.DataFrame | None,
+                 classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Fold k's OOF logits (exactly this data's fold-k rows: the model never trained on them) and test logits."""
+    folder = fold_dir(cfg, k, exp)
+    if not (folder / "oof.parquet").exists():
+        raise MissingArtifactError(f"{folder}/oof.parquet not found: train {exp} with 02_train_fold.py first")
+    oof = pd.read_parquet(folder / "oof.parquet")
+    missing = [c for c in classes if c not in oof.columns]
+    if missing:
+        raise PipelineError(f"{folder}/oof.parquet lacks class columns {missing}: {exp} was trained on other classes")
+    if set(oof[ID].astype(str)) != set(rows[ID].astype(str)):  # the fold model must not have trained on these rows
+        raise MissingArtifactError(f"{exp} fold {k} was validated on other lesions than this data's fold {k} "
+                                   "(different prep/folds): its outputs would leak; retrain it on these folds")
+    te = None
+    if test is not None and len(test):
+        te = pd.read_parquet(folder / "test_logits.parquet")
+        assert_same_ids(te, test, f"{exp} fold {k} test logits vs test", ordered=True)
+    return oof, te

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from lib.config.schema import AMP_MODES
 from lib.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def amp_setup(mode: str, device: str) -> tuple[torch.dtype | None, bool]:
         if not cuda:
             raise PipelineError("config: train.amp=fp16 needs CUDA; on CPU use off (default) or bf16")
         return torch.float16, True
-    raise PipelineError(f"config: train.amp '{mode}' unknown (auto | bf16 | fp16 | off)")
+    raise PipelineError(f"config: train.amp '{mode}' unknown ({' | '.join(AMP_MODES)})")
 
 
 def autocast(device: str, dtype: torch.dtype | None):

@@ -72,21 +72,26 @@ def test_all_folds_aggregate_skip_and_features(prep, tmp_path):
     fcfg = tiny(prep, tmp_path, "t_feat", "features.tta=[id]", "features.workers=0", "features.from_exps=[t_all]")
     out = tmp_path / "feat"
     out.mkdir()
-    TI.extract_fold_features(fcfg, "t_all", info, train, test, out)
+    TI.fold_logit_features(fcfg, "t_all", info, train, test, out)
     ft = pd.read_parquet(out / "t_all_train.parquet")
     assert list(ft["lesion_id"]) == list(train["lesion_id"])
-    cols = [c for c in ft.columns if c.startswith("emb_t_all_")]
-    assert len(cols) == 16 and read_json(out / "t_all_train.json")["dim"] == 16
-    # a lesion's features come from its own fold's model (which never trained on it)
+    # aligned outputs only: one column per class, the same meaning in every fold model (penultimate
+    # features, the old behaviour, are a different random basis in each fold model)
+    cols = [f"logit_t_all_{c}" for c in classes]
+    assert list(ft.columns) == ["lesion_id", *cols] and read_json(out / "t_all_train.json")["dim"] == len(classes)
+    # a lesion's logits come from its own fold's model (which never trained on it)
     for k in (0, 3):
         row = train.index[train["fold"] == k][0]
         model, obj = TI.load_fold_model(root / f"fold{k}" / "model.pt")
         ds = TD.LesionDataset(train.iloc[[row]], prep / "prep" / "milk10k_sample", ["dermoscopic"], classes,
-                             TD.Tabular.from_state(obj["tabular"]), 64, obj["spec"]["mean"], obj["spec"]["std"])
-        f = TI.infer(model.features, model, ds, ["id"], "cpu", 4, 0, None, False, D.Dist())
-        np.testing.assert_allclose(ft.loc[row, cols].to_numpy(float), f[0], atol=1e-5)
+                             TD.Tabular.from_state(obj["tabular"]), spec=obj["spec"])
+        z = TI.infer(model, model, ds, cfg["train"]["tta"], "cpu", 4, 0, None, False, D.Dist())
+        np.testing.assert_allclose(ft.loc[row, cols].to_numpy(float), z[0], atol=1e-5)
     fte = pd.read_parquet(out / "t_all_test.parquet")
-    assert list(fte["lesion_id"]) == list(test["lesion_id"]) and np.isfinite(fte[cols]).all().all()
+    assert list(fte["lesion_id"]) == list(test["lesion_id"])
+    mean_logits = np.mean([pd.read_parquet(root / f"fold{k}" / "test_logits.parquet")[classes].to_numpy()
+                           for k in folds], 0)
+    np.testing.assert_allclose(fte[cols].to_numpy(), mean_logits, atol=1e-9)
 
 
 def test_resume_equals_straight_run(prep, tmp_path):
