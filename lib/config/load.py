@@ -131,7 +131,7 @@ def resolve(cfg: dict) -> dict:
     """Fill derived values (prep dir) and validate a few enums."""
     cfg = copy.deepcopy(cfg)
     d = cfg["data"]
-    if d["format"] not in ("milk10k", "ham10000", "isic2019", "isic2024", "generic"):
+    if d["format"] not in ("milk10k", "ham10000", "isic2019", "isic2020", "isic2024", "scin", "generic"):
         raise PipelineError(f"config: data.format '{d['format']}' unknown")
     if cfg["cache"]["mode"] not in ("short_side", "pad", "none"):
         raise PipelineError(f"config: cache.mode '{cfg['cache']['mode']}' unknown (short_side | pad | none)")

@@ -39,7 +39,7 @@ def defaults() -> dict[str, Any]:
             "weights_cache": None,   # converted-weights cache; null = ~/.cache/skin_lesion_pipeline
         },
         "data": {
-            "format": "milk10k",     # milk10k | ham10000 | isic2019 | isic2024 | generic
+            "format": "milk10k",     # milk10k | ham10000 | isic2019 | isic2020 | isic2024 | scin | generic
             "root": "input/milk10k_sample",
             "test_root": None,       # folder of a test release; null = look inside root
             "task": None,            # multiclass | multilabel | binary; null = from format
@@ -49,6 +49,13 @@ def defaults() -> dict[str, Any]:
                 "id_col": "lesion_id", "image_cols": {"dermoscopic": "image"},
                 "label_col": None, "label_cols": None, "group_col": None,
                 "meta_num_cols": [], "meta_cat_cols": [],
+            },
+            "scin": {                # format scin: conditions from weighted_skin_condition_label
+                "label_min_weight": 0.3,   # float in [0, 1]: a case's conditions weigh at least this (>= its top one)
+                "top_k": None,             # int >= 1 or null: at most this many conditions per case
+                "min_cases": 50,           # int >= 1: rarer conditions become other_label
+                "other_label": "other",    # str: the bucket of the long tail
+                "use_images": None,        # null = when every case's images exist | true = required | false = never
             },
         },
         "folds": {"n_splits": 5, "seed": 42, "group": None},
