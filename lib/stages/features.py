@@ -75,6 +75,9 @@ def _workers(cfg: dict) -> int:
 def run(cfg: dict) -> None:
     """Stage 03: embeddings of every configured encoder into `output/<exp>/features/`."""
     if not cfg["features"]["encoders"] and not cfg["features"]["from_exps"]:
+        if not cfg["stack"]["features"]:  # a metadata-only stack (SCIN questionnaire): nothing to do
+            log.info("features: no encoders and no stack.features: nothing to extract")
+            return
         raise PipelineError("features.encoders is empty: nothing to extract")
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))

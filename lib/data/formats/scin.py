@@ -144,8 +144,8 @@ def questionnaire(cases: pd.DataFrame, out: pd.DataFrame) -> tuple[list[str], li
     """Questionnaire answers as raw metadata: YES columns -> 0/1 numbers, the rest categorical."""
     yes = [c for c in cases.columns if c.startswith(YES_PREFIXES)]
     for c in yes:
-        out[c] = (cases[c].astype("string").str.upper() == "YES").astype(float).to_numpy()
-    out["n_images"] = cases[[c for c in VIEW_COLS if c in cases]].notna().sum(1).astype(float).to_numpy()
+        out[c] = cases[c].fillna("").astype(str).str.strip().str.upper().eq("YES").astype(float).to_numpy()
+    out["n_images"] = cases[[c for c in VIEW_COLS if c in cases]].notna().sum(axis=1).astype(float).to_numpy()
     cats = [c for c in CAT_COLS if c in cases.columns]
     for c in cats:
         out[c] = cases[c].to_numpy()
