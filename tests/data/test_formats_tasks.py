@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,9 +16,9 @@ from lib.core.errors import ConfigError, PipelineError
 from lib.data import cache as K
 from lib.data import formats as D
 from lib.evaluation import submission as S
-from tests.helpers import ROOT, write_jpeg
+from tests.data.task_builders import I24, make_isic2020, make_isic2024_train, make_scin
+from tests.helpers import ROOT
 
-I24 = ROOT / "input" / "isic2024_test_sample"
 SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if p.is_dir()),
               ROOT.parent / "shared" / "data")
 needs_shared = pytest.mark.skipif(not (SHARED / "scin").is_dir(), reason="../shared/data not present")
@@ -78,23 +77,6 @@ def test_isic2024_real_test_files_hdf5():
     assert img.ndim == 3 and img.shape[2] == 3 and 100 < img.shape[0] < 200
 
 
-def make_isic2024_train(root: Path, n: int = 8) -> Path:
-    """Training files in the competition's layout: train-metadata.csv + train-image.hdf5."""
-    meta = pd.read_csv(I24 / "test-metadata.csv", dtype=str)
-    rows = pd.concat([meta] * 3, ignore_index=True).head(n)
-    rows["isic_id"] = [f"ISIC_{9000000 + i}" for i in range(n)]
-    rows["patient_id"] = [f"IP_{i // 2}" for i in range(n)]
-    rows["target"] = [i % 2 for i in range(n)]
-    root.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(root / "train-metadata.csv", index=False)
-    with h5py.File(I24 / "test-image.hdf5", "r") as f:
-        blobs = [f[k][()] for k in f.keys()]
-    with h5py.File(root / "train-image.hdf5", "w") as f:
-        for i, k in enumerate(rows["isic_id"]):
-            f.create_dataset(k, data=blobs[i % len(blobs)])
-    return root
-
-
 def test_isic2024_train_hdf5_and_patient_groups(tmp_path):
     root = make_isic2024_train(tmp_path / "r")
     raw = D.read_split(cfg(root, "isic2024"), "train")
@@ -119,26 +101,12 @@ def test_isic2024_bad_input_names_file_and_row(tmp_path, problem):
 
 
 # --------------------------------------------------------------------------- ISIC 2020
-def make_isic2020(root: Path) -> Path:
-    rows = pd.DataFrame({"image_name": [f"ISIC_{i:07d}" for i in range(6)], "patient_id": [f"IP_{i // 2}" for i in range(6)],
-                         "sex": ["male", "female"] * 3, "age_approx": ["45.0", "50.0", "", "30.0", "60.0", "70.0"],
-                         "anatom_site_general_challenge": ["torso", "head/neck", "", "torso", "torso", "lower extremity"],
-                         "diagnosis": ["nevus", "melanoma"] * 3, "benign_malignant": ["benign", "malignant"] * 3,
-                         "target": [0, 1] * 3})
-    root.mkdir(parents=True)
-    rows.to_csv(root / "train.csv", index=False)
-    rows.iloc[:2, :5].assign(image_name=["ISIC_T1", "ISIC_T2"]).to_csv(root / "test.csv", index=False)
-    for i, n in enumerate([*rows["image_name"], "ISIC_T1", "ISIC_T2"]):
-        write_jpeg(root / "jpeg" / ("test" if n.startswith("ISIC_T") else "train") / f"{n}.jpg", seed=i)
-    return root
-
-
 def test_isic2020_official_layout(tmp_path):
     root = make_isic2020(tmp_path / "r")
     c = cfg(root, "isic2020")
     tr, te = D.read_split(c, "train"), D.read_split(c, "test")
     assert tr.task == "binary" and tr.classes == ["malignant"] and tr.group_col == "group"
-    assert tr.table["y_malignant"].sum() == 3 and te.table["lesion_id"].tolist() == ["ISIC_T1", "ISIC_T2"]
+    assert tr.table["y_malignant"].sum() == 3 and te.table["lesion_id"].tolist() == ["ISIC_T0", "ISIC_T1"]
     assert "anatom_site_general_challenge" in tr.cat_cols
     (root / "jpeg" / "train" / "ISIC_0000003.jpg").unlink()
     with pytest.raises(PipelineError, match="ISIC_0000003"):
@@ -163,25 +131,6 @@ def test_scin_real_tables_questionnaire_only(caplog):
 def test_scin_real_tables_images_required_is_an_error():
     with pytest.raises(PipelineError, match=r"scin_cases.csv: line \d+ \(case .*image not found"):
         D.read_split(cfg(SHARED / "scin", "scin", "data.scin.use_images=true"), "train")
-
-
-def make_scin(root: Path, labels: list[str]) -> Path:
-    """A SCIN release: dataset/scin_cases.csv, dataset/scin_labels.csv, dataset/images/ (1-3 per case)."""
-    n = len(labels)
-    cases = pd.DataFrame({"case_id": [f"-{100 + i}" for i in range(n)], "age_group": ["AGE_18_TO_29"] * n,
-                          "textures_flat": ["YES", None] * (n // 2) + ["YES"] * (n % 2),
-                          "condition_duration": ["ONE_DAY"] * n})
-    for v in (1, 2, 3):
-        cases[f"image_{v}_path"] = [f"dataset/images/{i}_{v}.png" if v <= 1 + i % 3 else None for i in range(n)]
-    for i, r in cases.iterrows():
-        for v in (1, 2, 3):
-            if isinstance(r[f"image_{v}_path"], str):
-                write_jpeg(root / r[f"image_{v}_path"], h=20 + 10 * v, w=30, seed=i)
-    (root / "dataset").mkdir(parents=True, exist_ok=True)
-    cases.to_csv(root / "dataset" / "scin_cases.csv", index=False)
-    pd.DataFrame({"case_id": cases["case_id"], "weighted_skin_condition_label": labels}).to_csv(
-        root / "dataset" / "scin_labels.csv", index=False)
-    return root
 
 
 LABELS = ["{'Eczema': 0.6, 'Tinea': 0.4}", "{'Eczema': 1.0}", "{'Psoriasis': 0.5, 'Eczema': 0.5}", "{}",
