@@ -28,7 +28,7 @@ from lib.config.spec import (
 )
 
 # --------------------------------------------------------------------------- allowed values
-FORMATS = ("milk10k", "ham10000", "isic2019", "isic2024", "generic")        # lib.data.formats readers
+FORMATS = ("milk10k", "ham10000", "isic2019", "isic2020", "isic2024", "scin", "generic")        # lib.data.formats readers
 TASKS = ("multiclass", "multilabel", "binary")
 CACHE_MODES = ("short_side", "pad", "none")                                  # lib.data.cache
 TTA_VIEWS = ("id", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose")  # dihedral
@@ -191,7 +191,7 @@ SCHEMA: dict[str, Any] = {
         "weights_cache": Nullable(PathStr()),  # converted-weights cache; null = ~/.cache/skin_lesion_pipeline
     },
     "data": {
-        "format": Choice("milk10k", FORMATS),  # milk10k | ham10000 | isic2019 | isic2024 | generic
+        "format": Choice("milk10k", FORMATS),  # milk10k | ham10000 | isic2019 | isic2020 | isic2024 | scin | generic
         "root": PathStr("input/milk10k_sample"),
         "test_root": Nullable(PathStr()),  # folder of a test release; null = look inside root
         "task": Nullable(Choice(None, TASKS)),  # multiclass | multilabel | binary; null = from format
@@ -203,6 +203,13 @@ SCHEMA: dict[str, Any] = {
             "label_col": Nullable(Str()), "label_cols": Nullable(ListOf(Str(), min_len=1, unique=True)),
             "group_col": Nullable(Str()),
             "meta_num_cols": ListOf(Str(), unique=True), "meta_cat_cols": ListOf(Str(), unique=True),
+        },
+        "scin": {                             # format scin: conditions from weighted_skin_condition_label
+            "label_min_weight": Prob(0.3),    # a case's conditions weigh at least this (>= its top one)
+            "top_k": Nullable(Int(min=1)),    # at most this many conditions per case; null = no cap
+            "min_cases": Int(50, min=1),      # rarer conditions become other_label
+            "other_label": Str("other"),      # the bucket of the long tail
+            "use_images": Nullable(Bool()),   # null = when every case's images exist | true = required | false = never
         },
     },
     "folds": {"n_splits": Int(5, min=2), "seed": Int(42, min=0), "group": Nullable(Str())},

@@ -1,6 +1,7 @@
 """Image cache: decode and resize each source image once (optional CLAHE / Shades of Gray), as JPEG."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -25,16 +26,57 @@ def cache_tag(c: dict) -> str:
     return tag + ("_clahe" if c["clahe"] else "") + ("_sog" if c["color_constancy"] else "")
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image fully as RGB uint8; corrupt or truncated files raise PipelineError."""
+HDF5_SEP = "::"   # `<file.hdf5>::<key>`: a JPEG stored as an HDF5 dataset (ISIC 2024 crops by isic_id)
+VIEW_SEP = "|"    # `a.jpg|b.jpg|c.jpg`: several views of one case, tiled side by side (SCIN)
+
+
+def _decode(data: bytes | str | Path, name: str) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
-        raise PipelineError(f"image not found: {path}") from None
+        raise PipelineError(f"image not found: {name}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise PipelineError(f"unreadable or corrupt image {path}: {e}") from None
+        raise PipelineError(f"unreadable or corrupt image {name}: {e}") from None
+
+
+def read_hdf5_bytes(ref: str) -> bytes:
+    """The encoded image stored under `<file.hdf5>::<key>`."""
+    import h5py  # lazy: only HDF5 sources need it
+    file, _, key = ref.rpartition(HDF5_SEP)
+    try:
+        with h5py.File(file, "r") as f:
+            if key not in f:
+                raise PipelineError(f"{file}: no image under key '{key}'")
+            return bytes(np.asarray(f[key][()]).tobytes())
+    except OSError as e:
+        raise PipelineError(f"{file}: not a readable HDF5 file: {e}") from None
+
+
+def tile_views(views: list[np.ndarray]) -> np.ndarray:
+    """Views side by side at the height of the first (one picture per case)."""
+    h = views[0].shape[0]
+    out = [v if v.shape[0] == h else cv2.resize(v, (max(1, round(v.shape[1] * h / v.shape[0])), h),
+                                                 interpolation=cv2.INTER_AREA) for v in views]
+    return np.concatenate(out, axis=1)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image fully as RGB uint8; corrupt or truncated files raise PipelineError.
+    `path` may be `<file.hdf5>::<key>` or several views joined by `|` (tiled)."""
+    p = str(path)
+    if VIEW_SEP in p:
+        return tile_views([read_rgb(v) for v in p.split(VIEW_SEP)])
+    if HDF5_SEP in p:
+        return _decode(read_hdf5_bytes(p), p)
+    return _decode(p, p)
+
+
+def source_mtime(src: str) -> float:
+    """Newest modification time of the file(s) behind a source reference."""
+    files = [v.rpartition(HDF5_SEP)[0] if HDF5_SEP in v else v for v in str(src).split(VIEW_SEP)]
+    return max(os.path.getmtime(f) for f in files)
 
 
 def shades_of_gray(img: np.ndarray, p: int = 6) -> np.ndarray:
@@ -70,7 +112,7 @@ def resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
 def process_one(src: str, dst: str, c: dict) -> str | None:
     """Cache one image; returns an error message instead of raising (for the worker pool)."""
     try:
-        if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
+        if os.path.exists(dst) and os.path.getmtime(dst) >= source_mtime(src):
             return None
         img = read_rgb(src)
         if c["color_constancy"]:

@@ -10,28 +10,38 @@ import pandas as pd
 
 from lib.core.errors import PipelineError
 from lib.core.io import ID, write_text
+from lib.data.formats import get_format
 
 log = logging.getLogger(__name__)
 
-ID_COLUMN = {"milk10k": "lesion_id", "ham10000": "image", "isic2019": "image", "isic2024": "isic_id",
-             "generic": "lesion_id"}
-
-
 def id_column(fmt: str) -> str:
-    return ID_COLUMN.get(fmt, ID)
+    """The submission's id column for a data format (the registry's; unknown formats: `lesion_id`)."""
+    try:
+        return get_format(fmt).id_col
+    except PipelineError:
+        return ID
 
 
 def build_submission(probs: pd.DataFrame, classes: list[str], fmt: str, task: str,
                      key: str | None = None) -> pd.DataFrame:
-    """`lesion_id` + class columns -> the challenge's layout (ISIC 2024: `isic_id,target`).
+    """`lesion_id` + class columns -> the challenge's layout from the format registry: the id
+    column, one `target` column for binary challenges (ISIC 2020 / 2024), else one column per
+    class, plus constant columns the official format requires (ISIC 2019: `UNK` = 0).
     `key`: the id column's name (default: the format's; generic data: its own id column)."""
     key = key or id_column(fmt)
+    try:
+        spec = get_format(fmt)
+    except PipelineError:
+        spec = None
     out = pd.DataFrame({key: probs[ID].astype(str).to_numpy()})
-    if task == "binary" and fmt == "isic2024":
-        out["target"] = probs[classes[0]].to_numpy(dtype=np.float64)
-    else:
-        for c in classes:
-            out[c] = probs[c].to_numpy(dtype=np.float64)
+    if task == "binary" and spec is not None and spec.target_col:
+        out[spec.target_col] = probs[classes[0]].to_numpy(dtype=np.float64)
+        return out
+    for c in classes:
+        out[c] = probs[c].to_numpy(dtype=np.float64)
+    for c, v in (spec.extra_cols if spec is not None else ()):
+        if c not in out:
+            out[c] = float(v)
     return out
 
 

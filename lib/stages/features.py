@@ -77,6 +77,9 @@ def run(cfg: dict) -> None:
     """Stage 03: embeddings of every configured encoder into `output/<exp>/features/` (+ its manifest)."""
     t0 = time.time()
     if not cfg["features"]["encoders"] and not cfg["features"]["from_exps"]:
+        if not cfg["stack"]["features"]:  # a metadata-only stack (SCIN questionnaire): nothing to do
+            log.info("features: no encoders and no stack.features: nothing to extract")
+            return
         raise PipelineError("features.encoders is empty: nothing to extract")
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))

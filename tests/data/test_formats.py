@@ -78,7 +78,7 @@ def test_milk_train_images_and_metadata_match_csv(milk_train):
 def test_milk_test_split_never_reads_held_out(monkeypatch):
     opened = []
     real = D.read_csv
-    monkeypatch.setattr(D, "read_csv", lambda p, *a, **k: opened.append(Path(p)) or real(p, *a, **k))
+    monkeypatch.setattr(D.milk10k, "read_csv", lambda p, *a, **k: opened.append(Path(p)) or real(p, *a, **k))
     raw = D.read_split(cfg_for(SAMPLE), "test")
     assert [p.name for p in opened] == [TEST_META]
     t = raw.table

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.data.task_builders import I24, make_isic2020, make_isic2024_train
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +93,36 @@ def test_multilabel_fixture_scin_style(tmp_path: Path) -> None:
     s = r["score"]["ours"]
     assert r["score"]["task"] == "multilabel" and {"macro_f1", "top1_accuracy", "top3_accuracy"} <= set(s)
     assert "top3_accuracy" in r["cv"]
+
+
+def _stack_pipeline(recipe: str, out: Path, data: Path) -> pd.DataFrame:
+    """01 -> 03 -> 04 -> 05 of a stack-only recipe on a release made in tmp; returns the submission."""
+    d, extra = f"configs/{recipe}", ["--data", str(data), "stack.patient_features=false"]
+    _run(["01_preprocess.py", "-c", f"{d}/base.yaml", "cache.size=64"], out, extra)
+    _run(["03_extract_features.py", "-c", f"{d}/stack.yaml", TINY_ENC], out, extra)
+    _run(["04_stack.py", "-c", f"{d}/stack.yaml", TINY_ENC, "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20",
+          "stack.pca_components=4"], out, extra)
+    _run(["05_submit.py", "-c", f"{d}/submit.yaml"], out, extra)
+    exp = next(ln.split(":")[1].strip() for ln in Path(ROOT, d, "submit.yaml").read_text().splitlines()
+               if ln.startswith("exp:"))
+    return pd.read_csv(out / exp / "submission.csv", dtype={0: str})
+
+
+def test_isic2024_real_layout_hdf5(tmp_path: Path) -> None:
+    """Training rows in train-metadata.csv + train-image.hdf5; the real public test files as the test."""
+    data = make_isic2024_train(tmp_path / "isic2024", n=36, per_patient=3)
+    for f in ("test-metadata.csv", "test-image.hdf5"):
+        (data / f).write_bytes((I24 / f).read_bytes())
+    sub = _stack_pipeline("isic2024_dev", tmp_path / "out", data)
+    assert list(sub.columns) == ["isic_id", "target"]
+    assert sub["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
+    assert sub["target"].between(0, 1).all()
+    folds = pd.read_csv(tmp_path / "out" / "prep" / "isic2024" / "folds.csv")
+    m = pd.read_csv(data / "train-metadata.csv").merge(folds, left_on="isic_id", right_on="lesion_id")
+    assert (m.groupby("patient_id")["fold"].nunique() == 1).all()
+
+
+def test_isic2020_official_layout(tmp_path: Path) -> None:
+    data = make_isic2020(tmp_path / "isic2020", n=24, n_test=4)
+    sub = _stack_pipeline("isic2020_dev", tmp_path / "out", data)
+    assert list(sub.columns) == ["image_name", "target"] and len(sub) == 4

@@ -101,6 +101,8 @@ def test_missing_features_and_empty_encoders_are_clear_errors(prepared: Path) ->
     with pytest.raises(PipelineError, match="not found"):
         artifacts.load_features(cfg, ["nothing"], "train")
     cfg["features"]["encoders"] = []
+    features.run(cfg)  # a metadata-only stack (no stack.features): nothing to extract, no error
+    cfg["stack"]["features"] = ["tiny"]
     with pytest.raises(PipelineError, match="empty"):
         features.run(cfg)
 
