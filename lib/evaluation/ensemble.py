@@ -317,3 +317,44 @@ def optimize_blend_weights(oof_tables: Sequence[pd.DataFrame], truth_df: pd.Data
         out["fold_avg"] = out["per_fold"].mean().to_numpy()
         out["score_fold_avg"] = float(score(Y, _blend_arrays(everything, out["fold_avg"])))
     return out
+
+
+def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame,
+                    weights_per_fold: dict | None, method: str = "prob", **tune_kw: float) -> dict:
+    """Honest CV of the whole 05 decision, blend weights included.
+
+    For each fold k the blend weights are those tuned WITHOUT fold k's rows (the mean of the
+    per-fold weights of the other folds, `weights_per_fold` = {fold: weights}, each tuned on its own
+    fold's rows only; None = fixed weights, equal here), and fold k's rows are then decided by
+    thresholds tuned on the other folds' rows of that blend (and, for reference, by argmax). Before,
+    05 tuned the weights on every fold and nested only the thresholds: the fold's own rows had
+    helped choose its weights. Returns the nested macro Dice at tuned thresholds, the nested argmax
+    macro F1 and the nested blended OOF probabilities (rows in `truth_df` order)."""
+    classes = _check_tables(oof_tables)
+    _, Y, _ = M.align_to_truth(truth_df, oof_tables[0], classes)
+    pos = pd.Index(oof_tables[0][ID].astype(str)).get_indexer(truth_df[ID].astype(str))
+    raw = [t[classes].to_numpy(dtype=np.float64)[pos] for t in oof_tables]
+    folds = truth_df["fold"].to_numpy()
+    P_nested = np.zeros_like(Y, dtype=np.float64)
+    decided = np.zeros_like(Y, dtype=bool)
+    used = {}
+    for f in np.unique(folds[folds >= 0]):
+        m = folds == f
+        w = _nested_weights(weights_per_fold, f, len(raw))
+        used[int(f)] = w.tolist()
+        P_out = _blend_arrays([_percentile(r[~m]) if method == "rank" else r[~m] for r in raw], w)
+        P_in = _blend_arrays([_percentile(r[m]) if method == "rank" else r[m] for r in raw], w)
+        decided[m] = P_in > tune_thresholds(Y[~m], P_out, **tune_kw)
+        P_nested[m] = P_in
+    return {"macro_dice_tuned_nested": float(M.macro_dice(Y, decided.astype(float))),
+            "macro_f1_argmax_nested": float(M.macro_dice(Y, argmax_decisions(P_nested))),
+            "weights_per_fold": used, "probs": P_nested}
+
+
+def _nested_weights(weights_per_fold: dict | None, fold: int, n: int) -> np.ndarray:
+    """Mean of the other folds' weights (normalized); equal weights when none were tuned."""
+    if not weights_per_fold:
+        return np.full(n, 1.0 / n)
+    others = [np.asarray(w, float) for k, w in weights_per_fold.items() if k != fold]
+    w = np.mean(others, 0) if others else np.full(n, 1.0 / n)
+    return w / w.sum()

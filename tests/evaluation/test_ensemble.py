@@ -175,3 +175,45 @@ def test_task_blend_metric_and_nan_scores_in_greedy_search():
     score = lambda Yt, P: float("nan") if np.allclose(P, 0.5) else M.macro_auc(Yt, P)  # noqa: E731
     w, s = E._search_weights(mats, Y, score, 0.1, 0, 5)
     assert w[1] == 1.0 and s == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- nested honest CV of the blend
+def _members_with_a_fold_leak(n: int = 500, seed: int = 0):
+    """Member A: a fair model everywhere. Member B: the truth itself on fold 0, noise elsewhere. A weight
+    search on fold 0 picks B; on the other folds A. Weights averaged over ALL folds (what 05 uses for
+    the submission) give B a share that fold 0's own rows chose: an optimistic estimate for fold 0."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, n, p=[0.3, 0.4, 0.3])
+    Y = M.to_onehot(labels, 3)
+    folds = np.arange(n) % 3
+    fair = np.clip(0.25 * Y + rng.uniform(0, 0.75, (n, 3)), 0, 1)
+    leak = np.where((folds == 0)[:, None], Y, rng.uniform(0, 1, (n, 3)))
+    ids = [f"L{i}" for i in range(n)]
+    truth = pd.DataFrame({"lesion_id": ids, "fold": folds, **{f"y_{c}": Y[:, i] for i, c in enumerate(CLASSES)}})
+    tables = [pd.DataFrame({"lesion_id": ids, **{c: P[:, i] for i, c in enumerate(CLASSES)}}) for P in (fair, leak)]
+    return truth, tables, Y, folds
+
+
+def test_nested_blend_cv_keeps_a_fold_out_of_its_own_weights():
+    truth, tables, Y, folds = _members_with_a_fold_leak(seed=1)
+    opt = E.optimize_blend_weights(tables, truth, metric="macro_dice_tuned", per_fold=True)
+    per_fold = {int(k): row.to_numpy(float) for k, row in opt["per_fold"].iterrows()}
+    assert per_fold[0][1] >= 0.5 and all(per_fold[k][0] > 0.5 for k in (1, 2))   # the planted leak
+    res = E.nested_blend_cv(tables, truth, per_fold)
+    # fold 0 was blended with the other folds' weights only
+    other = np.mean([per_fold[k] for k in (1, 2)], 0)
+    np.testing.assert_allclose(res["weights_per_fold"][0], other / other.sum())
+    # the thresholds-only estimate (weights tuned on every fold) is optimistic; the nested one is not
+    blended = E.blend(tables, opt["fold_avg"])
+    old = E.foldwise_threshold_spread(Y, blended[CLASSES].to_numpy(), folds)["cv_dice_pooled"]
+    assert res["macro_dice_tuned_nested"] < old - 0.02
+    m0 = folds == 0
+    assert M.macro_dice(Y[m0], res["probs"][m0] > 0.5) < M.macro_dice(Y[m0], blended[CLASSES].to_numpy()[m0] > 0.5)
+
+
+def test_nested_blend_cv_with_one_member_equals_the_thresholds_only_estimate():
+    truth, tables, Y, folds = _members_with_a_fold_leak(seed=2)
+    res = E.nested_blend_cv(tables[:1], truth, None)
+    old = E.foldwise_threshold_spread(Y, tables[0][CLASSES].to_numpy(), folds)["cv_dice_pooled"]
+    assert res["macro_dice_tuned_nested"] == pytest.approx(old)
+    assert res["macro_f1_argmax_nested"] == pytest.approx(M.macro_f1_argmax(Y, tables[0][CLASSES].to_numpy()))
