@@ -103,3 +103,27 @@ def test_bad_member_stops_with_one_line_and_no_submission(pipeline: Path) -> Non
     assert p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
     assert "no_such_exp" in p.stderr
     assert not (pipeline / "bad_submit/submission.csv").exists()
+
+
+def test_gpu_recipe_runs_on_cpu_with_tiny_settings(tmp_path: Path) -> None:
+    """configs/milk10k_gpu (not measured on a GPU): every file loads, chains (members, oof_exps and exp
+    names agree) and runs 01 -> 05 on the shipped sample with tiny models, EMA and its own TTA."""
+    gpu, out = "configs/milk10k_gpu", tmp_path / "gpu"
+    data = ["--data", "input/milk10k_sample"]
+    _run(["01_preprocess.py", "-c", f"{gpu}/base.yaml", *data], out)
+    trains = sorted(Path(ROOT, gpu).glob("train_*.yaml"))
+    assert len(trains) == 2
+    for f in trains:
+        _run(["02_train_fold.py", "-c", str(f.relative_to(ROOT)), *data, *TINY_TRAIN, "train.model.hidden=32",
+              "train.batch_size=32", "train.ema=0.5"], out)
+    tiny_stack = [TINY_ENC, "stack.features=[lite0]", "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20",
+                  "stack.pca_components=8", "stack.seeds=[0]"]
+    _run(["03_extract_features.py", "-c", f"{gpu}/stack.yaml", *data, *tiny_stack], out)
+    _run(["04_stack.py", "-c", f"{gpu}/stack.yaml", *data, *tiny_stack], out)
+    _run(["05_submit.py", "-c", f"{gpu}/submit.yaml", *data], out)
+    cv = json.loads((out / "gpu_submit" / "cv.json").read_text())
+    assert [m["exp"] for m in cv["submit"]["members"]] == ["gpu_stack", "gpu_fusion_lite2", "gpu_derm_sklesion"]
+    assert {"macro_dice_tuned_cv_old", "macro_dice_tuned_cv_nested"} <= set(cv["submit"]["honest_cv"])
+    assert json.loads((out / "gpu_fusion_lite2" / "cv.json").read_text())["training"]["weights_for_oof"] == ["EMA"]
+    sub = pd.read_csv(out / "gpu_submit" / "submission.csv")
+    assert len(sub) == 32
