@@ -358,3 +358,20 @@ def _nested_weights(weights_per_fold: dict | None, fold: int, n: int) -> np.ndar
     others = [np.asarray(w, float) for k, w in weights_per_fold.items() if k != fold]
     w = np.mean(others, 0) if others else np.full(n, 1.0 / n)
     return w / w.sum()
+
+
+def fold_average_gap(oof_probs: np.ndarray, test_probs: np.ndarray, thresholds: np.ndarray,
+                     classes: Sequence[str]) -> dict:
+    """The fold-average gap, per class: test probabilities are the mean of the fold models and are
+    smoother than the single-model OOF probabilities that thresholds and weights were tuned on.
+    Reports the spread (std) of OOF vs test probabilities and the share of rows above the tuned
+    threshold in each; a test share far below the OOF share means the thresholds cut a different
+    distribution on test than the one they were tuned on."""
+    O, T, t = M._f2(oof_probs), M._f2(test_probs), np.asarray(thresholds, float)
+    out = {}
+    for i, c in enumerate(classes):
+        o_std, t_std = float(O[:, i].std()), float(T[:, i].std())
+        out[str(c)] = {"oof_std": o_std, "test_std": t_std, "std_ratio": t_std / o_std if o_std > 0 else float("nan"),
+                       "oof_above_threshold": float((O[:, i] > t[i]).mean()),
+                       "test_above_threshold": float((T[:, i] > t[i]).mean())}
+    return out

@@ -153,6 +153,8 @@ def run(cfg: dict) -> dict:
     write_parquet(oof, out / A.OOF)
     if te is not None:
         write_parquet(te, out / A.TEST)
+        cv["submit"]["fold_average_gap"] = ensemble.fold_average_gap(
+            oof[classes].to_numpy(), te[classes].to_numpy(), thr, classes)
         _submission(cfg, info, test, te, decision, thr, out)
     else:
         log.warning("no test split: OOF blend and CV only, no submission.csv")

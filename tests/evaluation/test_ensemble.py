@@ -217,3 +217,16 @@ def test_nested_blend_cv_with_one_member_equals_the_thresholds_only_estimate():
     old = E.foldwise_threshold_spread(Y, tables[0][CLASSES].to_numpy(), folds)["cv_dice_pooled"]
     assert res["macro_dice_tuned_nested"] == pytest.approx(old)
     assert res["macro_f1_argmax_nested"] == pytest.approx(M.macro_f1_argmax(Y, tables[0][CLASSES].to_numpy()))
+
+
+def test_fold_average_gap_sees_smoother_test_probabilities():
+    rng = np.random.default_rng(0)
+    signal = rng.uniform(0, 1, (400, 3))
+    oof = np.clip(signal + rng.normal(0, 0.2, signal.shape), 0, 1)                # one model per row
+    test = np.clip(signal + rng.normal(0, 0.2, (5, *signal.shape)).mean(0), 0, 1)  # mean of 5 fold models
+    gap = E.fold_average_gap(oof, test, np.array([0.9, 0.9, 0.5]), CLASSES)
+    assert set(gap) == set(CLASSES)
+    assert all(gap[c]["std_ratio"] < 1 for c in CLASSES)
+    assert gap["A"]["test_above_threshold"] < gap["A"]["oof_above_threshold"]        # a high cut loses positives
+    same = E.fold_average_gap(oof, oof, np.full(3, 0.5), CLASSES)
+    assert all(same[c]["std_ratio"] == pytest.approx(1.0) for c in CLASSES)
