@@ -112,7 +112,8 @@ def test_scientific_value_in_yaml_file_is_a_float(tmp_path):
 def test_encoder_items_filled_from_item_schema():
     cfg = load.load_config(None, ["features.encoders=[{name: a, arch: resnet18}]"])
     assert cfg["features"]["encoders"] == [{"name": "a", "arch": "resnet18", "weights": None, "size": None,
-                                            "hub": False, "tta": None}]
+                                            "hub": False, "tta": None, "cut": None,
+                                            "finetune": False}]
 
 
 def test_encoder_item_unknown_key(tmp_path):
@@ -124,7 +125,7 @@ def test_encoder_item_unknown_key(tmp_path):
 
 def test_encoder_item_must_be_mapping():
     with pytest.raises(ConfigError, match=r"^config: features\.encoders\[0\] = 'lite0' is not allowed: "
-                                          r"expected a mapping with keys name, arch, weights, size, hub, tta$"):
+                                          r"expected a mapping with keys name, arch, weights, size, hub, tta, cut, finetune$"):
         load.load_config(None, ["features.encoders=[lite0]"])
 
 

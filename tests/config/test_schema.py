@@ -190,7 +190,7 @@ def test_every_key_has_a_spec_and_its_default_passes():
 
 def test_list_item_schemas_and_plain_item_defaults():
     assert schema.ENCODER_ITEM == {"name": None, "arch": None, "weights": None, "size": None, "hub": False,
-                                   "tta": None}
+                                   "tta": None, "cut": None, "finetune": False}
     assert schema.MEMBER_ITEM == {"exp": None, "weight": None}
     assert schema.LIST_ITEMS == {"features.encoders": schema.ENCODER_ITEM, "submit.members": schema.MEMBER_ITEM}
 
@@ -309,6 +309,8 @@ DEFAULTS_SNAPSHOT = {'exp': 'default',
                                    'keep_views': False,
                                    'batch_size': 32,
                                    'workers': 0,
+                                   'finetune': {'epochs': 10, 'batch_size': 64, 'lr': 0.001, 'tail_lr': 0.001,
+                                                'weight_decay': 0.01, 'dropout': 0.2, 'class_weight_power': 0.5},
                                    'from_exps': []},
                       'stack': {'features': [],
                                 'features_exp': None,

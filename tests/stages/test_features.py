@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from lib.config.load import load_config
+from lib.config.schema import ENCODER_ITEM
 from lib.core import artifacts
 from lib.core.errors import PipelineError
 from lib.core.io import read_json
@@ -24,7 +25,7 @@ def _cfg(out: Path, exp: str = "f1", **kw: object) -> dict:
     ov = [f"paths.output={out}", f"data.root={ROOT / 'input/milk10k_sample'}", "cache.size=96",
           f"exp={exp}", "features.batch_size=16", "features.workers=0", "threads=2"]
     cfg = load_config(None, ov)
-    cfg["features"]["encoders"] = [dict(TINY, hub=False, **kw)]
+    cfg["features"]["encoders"] = [{**ENCODER_ITEM, **TINY, **kw}]
     return cfg
 
 
@@ -139,3 +140,35 @@ def test_patient_relative_by_hand_and_per_patient_only() -> None:
     with pytest.raises(PipelineError, match="group ids"):
         patient_relative(x, g[:3])
 
+
+
+def test_cut_encoder_fine_tunes_on_its_trunk_cache(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _cfg(prepared, "ft", cut="conv_head", finetune=True)
+    cfg["features"]["finetune"]["epochs"] = 2
+    features.run(cfg)
+    info, train, test = dataset.load_dataset(cfg)
+    f = prepared / "ft/features"
+    emb = pd.read_parquet(f / "tiny_train.parquet")
+    assert list(emb["lesion_id"]) == list(train["lesion_id"]) and emb.shape[1] > 1
+    ft_tr, ft_te = pd.read_parquet(f / "ft_tiny_train.parquet"), pd.read_parquet(f / "ft_tiny_test.parquet")
+    assert list(ft_tr["lesion_id"]) == list(train["lesion_id"]) and list(ft_te["lesion_id"]) == list(test["lesion_id"])
+    assert list(ft_tr.columns[1:]) == [f"logit_ft_tiny_{c}" for c in info["classes"]]
+    assert ft_tr.iloc[:, 1:].notna().all().all() and ft_tr.iloc[:, 1:].std().sum() > 0
+    meta = read_json(f / "ft_tiny_train.json")
+    assert meta["cut"] == "conv_head" and len(meta["fold_seconds"]) == train["fold"].nunique()
+    caches = sorted(p.name for p in next((prepared / "prep").rglob("trunks/tiny-*")).iterdir())
+    assert caches == sorted(f"{s}_{m}.{e}" for s in ("train", "test") for m in info["modalities"] for e in ("json", "npy"))
+    # the stacker reads the block like any fold-model logits
+    from lib.stages.stack import build_inputs
+    cfg["stack"]["features"] = ["tiny", "ft_tiny"]
+    _, _, blocks = build_inputs(cfg, info, train, test)
+    assert "logit_ft_tiny" in blocks and len(blocks["logit_ft_tiny"]) == len(info["classes"])
+    with caplog.at_level(logging.INFO):
+        features.run(cfg)
+    assert "cached fine-tuned logits reused" in caplog.text and "cached embeddings reused" in caplog.text
+
+
+def test_finetune_without_cut_is_a_config_error(prepared: Path) -> None:
+    from lib.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="finetune needs cut"):
+        features.run(_cfg(prepared, "ft2", finetune=True))

@@ -1,0 +1,133 @@
+"""Cached-trunk fine-tuning, the vision half: split an encoder at a named module into a frozen trunk
+(run once per image and view; its activations are cached on disk) and a tail (the modules after the
+cut, then the encoder's own global pooling) that is cheap enough to train many epochs on a CPU.
+
+`split_at(model, cut)` walks the encoder's top-level children in order, opening only the containers
+on the path to `cut` (`blocks.6`, `conv4.pointwise`), so it applies to encoders whose
+`forward_features` runs their children in sequence (timm's Xception, EfficientNet / lite and most
+CNNs). `check_split` proves it on a batch: `pool(tail(trunk(x)))` must equal `model(x)`.
+
+The cache (`trunk_activations`) is keyed by everything that decides its values (`trunk_key`):
+encoder arch and weights, the preprocessing spec (size, resize mode, interpolation, mean/std, the
+image cache tag), the views and the cut; it holds float16 `[N, V, C, H, W]` per split and modality,
+written through a memory map into a temp file and moved into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lib.core.errors import PipelineError
+from lib.core.io import write_json
+from lib.core.progress import progress
+from lib.vision.embed import spec_key
+from lib.vision.transforms import EvalImages
+from lib.vision.tta import apply_view
+
+HEAD_MODULES = ("global_pool", "fc", "classifier", "head", "head_drop")
+
+
+def _stages(module: nn.Module, prefix: str, cut: str) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if not prefix and name in HEAD_MODULES:
+            continue
+        if cut.startswith(full + "."):
+            out += _stages(child, full + ".", cut)
+        else:
+            out.append((full, child))
+    return out
+
+
+def split_at(model: nn.Module, cut: str) -> tuple[nn.Sequential, nn.Sequential, nn.Module]:
+    """(trunk, tail, pool): the modules up to and including `cut`, those after it (before the head),
+    and the encoder's global pooling (flattening to `[B, F]`). The modules are shared, not copied."""
+    stages = _stages(model, "", cut)
+    names = [n for n, _ in stages]
+    if cut not in names:
+        raise PipelineError(f"cut {cut!r} is not a module of {type(model).__name__} in forward order; "
+                            f"candidates: {names}")
+    pool = getattr(model, "global_pool", None)
+    if pool is None:
+        raise PipelineError(f"{type(model).__name__} has no global_pool: cached-trunk needs a timm CNN")
+    i = names.index(cut) + 1
+    seq = [(n.replace(".", "_"), m) for n, m in stages]
+    return nn.Sequential(OrderedDict(seq[:i])), nn.Sequential(OrderedDict(seq[i:])), pool
+
+
+@torch.no_grad()
+def check_split(model: nn.Module, cut: str, x: torch.Tensor, atol: float = 1e-4) -> float:
+    """Max abs difference of `pool(tail(trunk(x)))` vs `model(x)` (eval mode); raises if above atol."""
+    trunk, tail, pool = split_at(model.eval(), cut)
+    d = float((pool(tail(trunk(x))).flatten(1) - model(x)).abs().max())
+    if d > atol:
+        raise PipelineError(f"{type(model).__name__} split at {cut!r} does not reproduce the encoder "
+                            f"(max diff {d:.2e}): its forward is not a sequence of its children")
+    return d
+
+
+def trunk_key(enc_spec: dict, cut: str) -> str:
+    """Cache key of trunk activations: the encoder's embedding spec (arch, weights, preprocessing,
+    views, image cache) plus the cut."""
+    return spec_key({**enc_spec, "trunk_cut": cut})
+
+
+@torch.no_grad()
+def trunk_activations(trunk: nn.Module, paths: list[str], spec: dict, device: str, batch_size: int,
+                      workers: int, desc: str, out: Path) -> np.ndarray:
+    """`[N, V, C, H, W]` float16 activations at the cut for each image and view of `spec["views"]`,
+    cached at `out` (.npy + .json sidecar with the paths); returns a read-only memory map."""
+    meta = out.with_suffix(".json")
+    if out.exists() and meta.exists() and json.loads(meta.read_text()).get("paths") == list(paths):
+        return np.load(out, mmap_mode="r")
+    views = spec["views"]
+    dl = DataLoader(EvalImages(paths, spec), batch_size=batch_size, shuffle=False, num_workers=workers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npy", dir=out.parent)
+    os.close(fd)
+    try:
+        arr, i, t0 = None, 0, time.time()
+        bar = progress(len(paths), desc, unit="img")
+        for x in dl:
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            a = torch.stack([trunk(apply_view(x, v)) for v in views], 1).to(torch.float16).cpu().numpy()
+            if arr is None:
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *a.shape[1:]))
+            arr[i:i + len(a)] = a
+            i += len(a)
+            bar.update(len(a))
+            bar.set_postfix(img_s=f"{i * len(views) / max(time.time() - t0, 1e-9):.1f}")
+        bar.close()
+        if arr is None:
+            raise PipelineError(f"{desc}: no images to run the trunk on")
+        arr.flush()
+        del arr
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    write_json({"paths": list(paths), "views": views, "seconds": round(time.time() - t0, 1)}, meta)
+    return np.load(out, mmap_mode="r")
+
+
+@torch.no_grad()
+def pooled_from_trunk(tail: nn.Module, pool: nn.Module, acts: np.ndarray, device: str,
+                      batch_size: int = 64, keep_views: bool = False) -> np.ndarray:
+    """Embeddings `[N, F]` (view-averaged; `[N, V, F]` if keep_views) from cached activations."""
+    tail.eval()
+    out = []
+    for s in range(0, len(acts), batch_size):
+        a = torch.from_numpy(np.asarray(acts[s:s + batch_size], dtype=np.float32)).to(device)
+        f = pool(tail(a.flatten(0, 1))).flatten(1).view(a.shape[0], a.shape[1], -1)
+        out.append((f if keep_views else f.mean(1)).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
