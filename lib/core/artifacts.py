@@ -255,7 +255,8 @@ def require_same_folds(cfg: dict, folder: str | Path, role: str, exp: str) -> di
 
 def stage_times(cfg: dict, inputs: list[dict]) -> list[dict]:
     """Manifests reachable from `inputs` (and what they read, transitively), one row per folder:
-    number, stage, exp, wall_seconds, created_utc; in stage order. Folders without one are skipped."""
+    number, stage, exp, wall_seconds, created_utc; in stage order, each followed by its manifest's
+    `parts` (sub-steps, `part: True`, already inside the stage's time). Folders without one are skipped."""
     root = Path(cfg["paths"]["output"])
     seen: dict[str, dict] = {}
     todo = [i["path"] for i in inputs]
@@ -268,9 +269,14 @@ def stage_times(cfg: dict, inputs: list[dict]) -> list[dict]:
             continue
         seen[rel] = m
         todo += [i["path"] for i in m.get("inputs", [])]
-    rows = [{"number": STAGES.get(m["stage"], ("?",))[0], "stage": m["stage"], "exp": m.get("exp", rel),
-             "wall_seconds": m.get("wall_seconds"), "created_utc": m.get("created_utc")} for rel, m in seen.items()]
-    return sorted(rows, key=lambda r: (r["number"], r["exp"]))
+    rows = []
+    for rel, m in sorted(seen.items(), key=lambda kv: (STAGES.get(kv[1]["stage"], ("?",))[0], kv[1].get("exp", kv[0]))):
+        row = {"number": STAGES.get(m["stage"], ("?",))[0], "stage": m["stage"], "exp": m.get("exp", rel),
+               "wall_seconds": m.get("wall_seconds"), "created_utc": m.get("created_utc")}
+        rows.append(row)
+        rows += [{**row, "stage": f"· {name}", "wall_seconds": secs, "part": True}
+                 for name, secs in (m.get("parts") or {}).items()]
+    return rows
 
 
 def cv_document(stage: str, exp: str, task: str, metrics: dict, **extras: object) -> dict:

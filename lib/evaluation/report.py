@@ -323,7 +323,7 @@ def stage_times_table(rows: Sequence[dict]) -> str:
 
     body = [[f"{r.get('number', '?')} {r.get('stage', '?')}", r.get("exp", "?"), secs(r.get("wall_seconds"))]
             for r in rows]
-    total = sum(float(r["wall_seconds"]) for r in rows if r.get("wall_seconds") is not None)
+    total = sum(float(r["wall_seconds"]) for r in rows if r.get("wall_seconds") is not None and not r.get("part"))
     return _md_table(["stage", "exp", "wall seconds"], [*body, ["**total**", "", secs(total)]])
 
 

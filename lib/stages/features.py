@@ -187,9 +187,11 @@ def run(cfg: dict) -> None:
         tables["test"] = test[[ID] + [f"path_{m}" for m in info["modalities"]]]
     out = A.features_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, float] = {}  # wall seconds of this run per encoder / fine-tune (the report's sub-rows)
     for enc in cfg["features"]["encoders"]:
         if enc["finetune"] and not enc["cut"]:
             raise ConfigError(f"features.encoders[{enc['name']}]: finetune needs cut (the module the trunk ends at)")
+        t_enc = time.time()
         if enc["cut"]:
             paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables)
         else:
@@ -197,9 +199,12 @@ def run(cfg: dict) -> None:
         for split, src in paths.items():
             _link(src, out / A.features_file(enc["name"], split))
             shutil.copyfile(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
+        parts[f"{enc['name']} embeddings"] = round(time.time() - t_enc, 1)
         if enc["finetune"]:
+            t_ft = time.time()
             finetune_encoder(cfg, enc, info, tables, train[[ID, "fold", *[f"y_{c}" for c in info["classes"]]]],
                              out, acts, tail_pool)
+            parts[f"ft_{enc['name']} fine-tune"] = round(time.time() - t_ft, 1)
     if cfg["features"]["from_exps"]:
         for e in cfg["features"]["from_exps"]:
             A.require_same_folds(cfg, A.exp_folder(cfg, e), "features.from_exps", e)
@@ -207,7 +212,8 @@ def run(cfg: dict) -> None:
     save_config(cfg, out)
     inputs = [A.input_record(cfg, prep_dir(cfg), "prep")]
     inputs += [A.input_record(cfg, A.exp_folder(cfg, e), "from_exp") for e in cfg["features"]["from_exps"]]
-    A.write_manifest(cfg, out, "features", inputs, time.time() - t0, exp=f"{cfg['exp']}/{A.FEATURES}")
+    A.write_manifest(cfg, out, "features", inputs, time.time() - t0, exp=f"{cfg['exp']}/{A.FEATURES}",
+                     extra={"parts": parts})
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -106,7 +106,8 @@ def test_stage_times_follow_inputs_transitively(tmp_path: Path) -> None:
     A.write_manifest(cfg, prep, "prepare", [], 2.0, exp="d")
     p_in = A.input_record(cfg, prep, "prep")
     A.write_manifest(cfg, A.exp_folder(cfg, "tr"), "train", [p_in], 30.0, exp="tr")
-    A.write_manifest(cfg, A.features_dir(cfg, "st"), "features", [p_in], 5.0, exp="st/features")
+    A.write_manifest(cfg, A.features_dir(cfg, "st"), "features", [p_in], 5.0, exp="st/features",
+                     extra={"parts": {"lite0 embeddings": 3.0, "ft_lite0 fine-tune": 1.5}})
     A.write_manifest(cfg, A.exp_folder(cfg, "st"), "stack", [
         p_in, A.input_record(cfg, A.features_dir(cfg, "st"), "features"),
         A.input_record(cfg, A.exp_folder(cfg, "tr"), "oof_exp")], 7.0, exp="st")
@@ -114,7 +115,9 @@ def test_stage_times_follow_inputs_transitively(tmp_path: Path) -> None:
     rows = A.stage_times(cfg, inputs)
     assert [(r["number"], r["stage"], r["exp"], r["wall_seconds"]) for r in rows] == [
         ("01", "prepare", "d", 2.0), ("02", "train", "tr", 30.0), ("03", "features", "st/features", 5.0),
+        ("03", "· lite0 embeddings", "st/features", 3.0), ("03", "· ft_lite0 fine-tune", "st/features", 1.5),
         ("04", "stack", "st", 7.0)]
+    assert [bool(r.get("part")) for r in rows] == [False, False, False, True, True, False]
 
 
 def test_cv_document_common_keys() -> None:

@@ -89,11 +89,13 @@ def test_write_report_no_histories_argmax(tmp_path: Path) -> None:
 def test_stage_times_table_and_section(tmp_path: Path) -> None:
     rows = [{"number": "01", "stage": "prepare", "exp": "d", "wall_seconds": 2.04},
             {"number": "02", "stage": "train", "exp": "fus", "wall_seconds": 30.0},
+            {"number": "02", "stage": "· fold 0", "exp": "fus", "wall_seconds": 12.0, "part": True},
             {"number": "05", "stage": "submit", "exp": "sub", "wall_seconds": None}]
     table = R.stage_times_table(rows)
     lines = table.splitlines()
     assert lines[0] == "| stage | exp | wall seconds |"
-    assert lines[2:] == ["| 01 prepare | d | 2.0 |", "| 02 train | fus | 30.0 |", "| 05 submit | sub | - |",
+    assert lines[2:] == ["| 01 prepare | d | 2.0 |", "| 02 train | fus | 30.0 |", "| 02 · fold 0 | fus | 12.0 |",
+                         "| 05 submit | sub | - |",
                          "| **total** |  | 32.0 |"]
     train, oof = _case(seed=2)
     cv = R.cv_summary(train, oof, CLASSES)

@@ -158,6 +158,7 @@ def test_cut_encoder_fine_tunes_on_its_trunk_cache(prepared: Path, caplog: pytes
     assert meta["cut"] == "conv_head" and len(meta["fold_seconds"]) == train["fold"].nunique()
     caches = sorted(p.name for p in next((prepared / "prep").rglob("trunks/tiny-*")).iterdir())
     assert caches == sorted(f"{s}_{m}.{e}" for s in ("train", "test") for m in info["modalities"] for e in ("json", "npy"))
+    assert list(read_json(f / "manifest.json")["parts"]) == ["tiny embeddings", "ft_tiny fine-tune"]  # report sub-rows
     # the stacker reads the block like any fold-model logits
     from lib.stages.stack import build_inputs
     cfg["stack"]["features"] = ["tiny", "ft_tiny"]
