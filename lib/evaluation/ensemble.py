@@ -320,7 +320,7 @@ def optimize_blend_weights(oof_tables: Sequence[pd.DataFrame], truth_df: pd.Data
 
 
 def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame,
-                    weights_per_fold: dict | None, method: str = "prob", **tune_kw: float) -> dict:
+                    weights_per_fold: dict | None, method: str = "prob", post=None, **tune_kw: float) -> dict:
     """Honest CV of the whole 05 decision, blend weights included.
 
     For each fold k the blend weights are those tuned WITHOUT fold k's rows (the mean of the
@@ -329,8 +329,10 @@ def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame,
     thresholds tuned on the other folds' rows of that blend (and, for reference, by argmax). Before,
     05 tuned the weights on every fold and nested only the thresholds: the fold's own rows had
     helped choose its weights. Returns the nested macro Dice at tuned thresholds, the nested argmax
-    macro F1 and the nested blended OOF probabilities (rows in `truth_df` order)."""
+    macro F1 and the nested blended OOF probabilities (rows in `truth_df` order). `post`: what 05
+    applies to the blend before deciding (its logit adjustment), applied here too."""
     classes = _check_tables(oof_tables)
+    post = post or (lambda P: P)
     _, Y, _ = M.align_to_truth(truth_df, oof_tables[0], classes)
     pos = pd.Index(oof_tables[0][ID].astype(str)).get_indexer(truth_df[ID].astype(str))
     raw = [t[classes].to_numpy(dtype=np.float64)[pos] for t in oof_tables]
@@ -342,8 +344,8 @@ def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame,
         m = folds == f
         w = _nested_weights(weights_per_fold, f, len(raw))
         used[int(f)] = w.tolist()
-        P_out = _blend_arrays([_percentile(r[~m]) if method == "rank" else r[~m] for r in raw], w)
-        P_in = _blend_arrays([_percentile(r[m]) if method == "rank" else r[m] for r in raw], w)
+        P_out = post(_blend_arrays([_percentile(r[~m]) if method == "rank" else r[~m] for r in raw], w))
+        P_in = post(_blend_arrays([_percentile(r[m]) if method == "rank" else r[m] for r in raw], w))
         decided[m] = P_in > tune_thresholds(Y[~m], P_out, **tune_kw)
         P_nested[m] = P_in
     return {"macro_dice_tuned_nested": float(M.macro_dice(Y, decided.astype(float))),

@@ -53,10 +53,10 @@ def _weights(s: dict, names: list[str], oofs: list[pd.DataFrame], train: pd.Data
 
 
 def _nested(s: dict, task: str, classes: list[str], oofs: list[pd.DataFrame], train: pd.DataFrame,
-            w: np.ndarray, per_fold: dict | None, metrics: dict) -> dict:
+            w: np.ndarray, per_fold: dict | None, metrics: dict, adjust=None) -> dict:
     """Old vs new honest estimate: thresholds nested (old) vs blend weights and thresholds nested (new)."""
     folds = sorted(int(f) for f in train["fold"].unique())
-    res = ensemble.nested_blend_cv(oofs, train, per_fold or {f: w for f in folds}, method=s["blend"])
+    res = ensemble.nested_blend_cv(oofs, train, per_fold or {f: w for f in folds}, method=s["blend"], post=adjust)
     out = {"weights_nested": per_fold is not None,
            "macro_dice_tuned_cv_old": metrics["macro_dice_tuned_cv"],
            "macro_dice_tuned_cv_nested": res["macro_dice_tuned_nested"],
@@ -73,15 +73,22 @@ def _nested(s: dict, task: str, classes: list[str], oofs: list[pd.DataFrame], tr
     return out
 
 
-def _logit_adjust(s: dict, task: str, classes: list[str], train: pd.DataFrame, oof: pd.DataFrame,
-                  te: pd.DataFrame | None) -> None:
+def _adjuster(s: dict, task: str, classes: list[str], train: pd.DataFrame):
+    """The logit adjustment `P -> P * prior ** -tau` (renormalized) of `submit.logit_adjust_tau`, or
+    None (tau 0, or not a multiclass task)."""
     if s["logit_adjust_tau"] and task != "multiclass":
         log.warning("submit.logit_adjust_tau is for multiclass tasks; ignored for this %s task", task)
-    elif s["logit_adjust_tau"]:
-        priors = np.clip(train[[f"y_{c}" for c in classes]].to_numpy().mean(0), 1e-4, None)
-        oof[classes] = ensemble.logit_adjust(oof[classes].to_numpy(), priors, s["logit_adjust_tau"])
+    if not s["logit_adjust_tau"] or task != "multiclass":
+        return None
+    priors = np.clip(train[[f"y_{c}" for c in classes]].to_numpy().mean(0), 1e-4, None)
+    return lambda P: ensemble.logit_adjust(P, priors, s["logit_adjust_tau"])
+
+
+def _logit_adjust(adjust, classes: list[str], oof: pd.DataFrame, te: pd.DataFrame | None) -> None:
+    if adjust is not None:
+        oof[classes] = adjust(oof[classes].to_numpy())
         if te is not None:
-            te[classes] = ensemble.logit_adjust(te[classes].to_numpy(), priors, s["logit_adjust_tau"])
+            te[classes] = adjust(te[classes].to_numpy())
 
 
 def _submission(cfg: dict, info: dict, test: pd.DataFrame, te: pd.DataFrame, decision: str, thr: np.ndarray,
@@ -141,9 +148,10 @@ def run(cfg: dict) -> dict:
     w, weights_info, per_fold = _weights(s, names, oofs, train, task)
     oof = ensemble.blend(oofs, w, method=s["blend"])
     te = ensemble.blend(tests, w, method=s["blend"]) if test is not None else None
-    _logit_adjust(s, task, classes, train, oof, te)
+    adjust = _adjuster(s, task, classes, train)
+    _logit_adjust(adjust, classes, oof, te)
     metrics = R.cv_summary(train, oof, classes, task)
-    honest = _nested(s, task, classes, oofs, train, w, per_fold, metrics)
+    honest = _nested(s, task, classes, oofs, train, w, per_fold, metrics, adjust)
     decision, expected = _decide(s, task, metrics, honest)
     thr = np.array([metrics["thresholds"][c] for c in classes])
     members = [{"exp": n, "weight": float(x)} for n, x in zip(names, w)]

@@ -86,3 +86,18 @@ def test_submit_output_is_itself_a_member(preps: Path, make_member) -> None:
     assert cv["stage"] == "submit"
     md = (preps / "sub_of_sub" / A.REPORT).read_text()
     assert "| 05 submit | sub_c |" in md and "| 02 train | m_c |" in md
+
+
+def test_logit_adjust_enters_the_nested_estimate(preps: Path, make_member) -> None:
+    """With `submit.logit_adjust_tau`, the honest (nested) estimate decides on the adjusted blend too:
+    one member, fixed weights -> nested argmax == the adjusted OOF argmax, and it differs from tau 0."""
+    base = stage_cfg(preps, "m")
+    make_member(base, "m_t", seed=3)
+    cvs = {}
+    for tau in (0.0, 2.0):
+        cfg = stage_cfg(preps, f"sub_tau{tau}", "submit.members=[m_t]", f"submit.logit_adjust_tau={tau}")
+        cvs[tau] = submit.run(cfg)
+    for cv in cvs.values():
+        h = cv["submit"]["honest_cv"]
+        assert h["macro_f1_argmax_nested"] == pytest.approx(cv["macro_f1_argmax"])
+    assert cvs[2.0]["macro_f1_argmax"] != pytest.approx(cvs[0.0]["macro_f1_argmax"])
