@@ -101,3 +101,13 @@ def test_logit_adjust_enters_the_nested_estimate(preps: Path, make_member) -> No
         h = cv["submit"]["honest_cv"]
         assert h["macro_f1_argmax_nested"] == pytest.approx(cv["macro_f1_argmax"])
     assert cvs[2.0]["macro_f1_argmax"] != pytest.approx(cvs[0.0]["macro_f1_argmax"])
+
+
+def test_auto_decision_compares_the_nested_estimates() -> None:
+    """Thresholds look better when only they are nested (0.51 > 0.50) but worse once the blend
+    weights are nested too (0.49 < 0.50): auto must pick argmax and expect the nested argmax."""
+    cv = {"macro_f1_argmax": 0.50, "macro_dice_tuned_cv": 0.51, "macro_dice_05": 0.4}
+    honest = {"macro_dice_tuned_cv_nested": 0.49, "macro_f1_argmax_nested": 0.50}
+    assert submit._decide({"decision": "auto"}, "multiclass", cv, honest) == ("argmax", 0.50)
+    honest["macro_dice_tuned_cv_nested"] = 0.505
+    assert submit._decide({"decision": "auto"}, "multiclass", cv, honest) == ("thresholds", 0.505)
