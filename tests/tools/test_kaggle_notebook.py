@@ -49,6 +49,41 @@ def test_notebook_with_params_replaces_the_cell() -> None:
     assert cell.source == "CODE_DIR = '/x'\nEXTRA_ARGS = ['a=1']"
 
 
+class _Stop(Exception):
+    pass
+
+
+def _weights_cell(recipe: Path) -> tuple[list, str | None]:
+    """Run the notebook's sklesion-weights cell on `recipe` without weights: (runs, error or None)."""
+    build = _load("build_notebook", ROOT / "kaggle" / "build_notebook.py")
+    runs: list = []
+    ns = {"CODE": recipe.parent, "RECIPE": recipe.name, "SKLESION_WEIGHTS": None, "StageFailed": _Stop,
+          "run": lambda *a: runs.append(a), "sys": sys, "os": os}
+    try:
+        exec(build.WEIGHTS, ns)
+    except _Stop as e:
+        return runs, str(e)
+    return runs, None
+
+
+@pytest.mark.parametrize("files, stops", [
+    ({"base.yaml": "seed: 1\n", "stack.yaml": 'weights: "pypi:sklesion"\n'}, True),
+    ({"base.yaml": "seed: 1\n", "train_a.yaml": 'weights: "pypi:sklesion"\n'}, True),
+    # an option the stages do not run (variant_*.yaml) does not make the recipe need the weights
+    ({"base.yaml": "seed: 1\n", "stack.yaml": "x: 1\n", "variant_ft.yaml": 'weights: "pypi:sklesion"\n'}, False),
+])
+def test_weights_cell_reads_only_the_files_the_stages_run(tmp_path: Path, files: dict, stops: bool) -> None:
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    for name, text in files.items():
+        (recipe / name).write_text(text)
+    runs, error = _weights_cell(recipe)
+    assert runs == []
+    assert (error is not None) == stops, error
+    if stops:
+        assert "SKLESION_WEIGHTS is None" in error
+
+
 def test_kernel_metadata_is_offline() -> None:
     meta = json.loads((ROOT / "kaggle" / "kernel-metadata.json").read_text())
     assert meta["code_file"] == "milk10k_kernel.ipynb" and meta["enable_internet"] is False
