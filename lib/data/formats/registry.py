@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Callable
 
 from lib.core.errors import ConfigError, PipelineError
-from lib.data.formats import (
-    generic,
-    ham10000,
-    isic2019,
-    isic2020,
-    isic2024,
-    milk10k,
-    scin,
-)
+import lib.data.formats.generic as generic
+import lib.data.formats.ham10000 as ham10000
+import lib.data.formats.isic2019 as isic2019
+import lib.data.formats.isic2020 as isic2020
+import lib.data.formats.isic2024 as isic2024
+import lib.data.formats.milk10k as milk10k
+import lib.data.formats.scin as scin
 from lib.data.formats.common import Raw
 
 
