@@ -2,7 +2,13 @@
 """Score a submission.csv against held-out ground truth (ours + the official ISIC scorer).
 
     python tools/score_submission.py --truth input/milk10k_sample/held_out/MILK10k_Test_GroundTruth.csv \
-        --submission output/sample_submit/submission.csv [--json out.json] [--task auto]
+        --submission output/sample_submit/submission.csv [--json out.json] [--task auto] \
+        [--bootstrap 2000 [--against output/other_submit/submission.csv]]
+
+`--bootstrap N` (multiclass): the standard error and 95% interval of the macro Dice over N
+class-stratified bootstrap draws of the held-out lesions (`lib.evaluation.bootstrap`); with
+`--against` also the paired difference to another submission on the same draws: is a change real
+or within the noise of this many held-out lesions?
 
 Task `auto`: binary when the truth has one label column (ISIC 2024 `isic_id,target`: AUC and
 partial AUC above 80% TPR, the Kaggle ISIC 2024 metric), multilabel when a truth row has several
@@ -22,7 +28,8 @@ import pandas as pd  # noqa: E402
 
 from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import ID, write_json  # noqa: E402
-from lib.evaluation.metrics import official_score, score_table  # noqa: E402
+from lib.evaluation.bootstrap import bootstrap_macro_dice  # noqa: E402
+from lib.evaluation.metrics import align_to_truth, official_score, score_table  # noqa: E402
 
 
 def _official(truth: pd.DataFrame, sub: pd.DataFrame, classes: list[str]) -> dict:
@@ -35,20 +42,44 @@ def _official(truth: pd.DataFrame, sub: pd.DataFrame, classes: list[str]) -> dic
         return {"official_error": "isic-challenge-scoring not installed (pip install -r requirements-dev.txt)"}
 
 
+def _read_sub(path: str) -> pd.DataFrame:
+    sub = pd.read_csv(path, dtype={0: str})
+    return sub.rename(columns={sub.columns[0]: ID})
+
+
+def _bootstrap(truth: pd.DataFrame, sub: pd.DataFrame, classes: list[str], task: str, a: argparse.Namespace) -> dict:
+    if task != "multiclass":
+        raise PipelineError(f"--bootstrap is for multiclass truth (macro Dice), not {task}")
+    _, y, probs = align_to_truth(truth, sub, classes)
+    other = align_to_truth(truth, _read_sub(a.against), classes)[2] if a.against else None
+    b = bootstrap_macro_dice(y, probs, other, n_boot=a.bootstrap, seed=a.seed)
+    msg = f"bootstrap ({a.bootstrap} class-stratified draws): macro Dice {b['macro_dice']:.4f}, SE {b['se']:.4f}, " \
+          f"95% [{b['ci_low']:.4f}, {b['ci_high']:.4f}]"
+    if other is not None:
+        msg += f"; vs {a.against}: {b['diff']:+.4f} (SE {b['diff_se']:.4f}, 95% [{b['diff_ci_low']:+.4f}, " \
+               f"{b['diff_ci_high']:+.4f}], not better in {b['p_not_better']:.1%} of draws)"
+    logging.info(msg)
+    return b
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--truth", required=True)
     p.add_argument("--submission", required=True)
     p.add_argument("--json", help="write the scores here")
     p.add_argument("--task", choices=["auto", "multiclass", "multilabel", "binary"], default="auto")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="class-stratified bootstrap draws for the macro Dice's SE / 95%% interval (multiclass)")
+    p.add_argument("--against", help="a second submission: paired bootstrap difference (needs --bootstrap)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     a = p.parse_args(argv)
+    if a.against and not a.bootstrap:
+        p.error("--against needs --bootstrap N")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         truth = pd.read_csv(a.truth, dtype=str)
-        sub = pd.read_csv(a.submission, dtype={0: str})
-        key = sub.columns[0]
+        sub = _read_sub(a.submission)
         truth = truth.rename(columns={truth.columns[0]: ID})
-        sub = sub.rename(columns={key: ID})
         classes = [c for c in truth.columns if c != ID]
         truth[classes] = truth[classes].astype(float)
         task = a.task
@@ -59,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         res = {"task": task, "ours": ours}
         if task == "multiclass":  # the official ISIC scorer installed here is the multiclass one
             res.update(_official(truth, sub, classes))
+        if a.bootstrap:
+            res["bootstrap"] = _bootstrap(truth, sub, classes, task, a)
     except (PipelineError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -61,6 +61,16 @@ def Device(default: str) -> Pattern:  # noqa: N802
 
 
 # --------------------------------------------------------------------------- list items
+FINETUNE_SPEC: dict[str, Any] = {       # features.finetune; an encoder's finetune_with overrides any of them
+    "epochs": Int(10, min=1),
+    "batch_size": Int(64, min=1),
+    "lr": Float(1e-3, gt=0),            # the new linear head
+    "tail_lr": Float(1e-3, min=0),      # the pretrained modules after the cut (0 = frozen, a probe)
+    "weight_decay": Float(1e-2, min=0),
+    "dropout": Float(0.2, min=0, lt=1),
+    "class_weight_power": Float(0.5, min=0),
+}
+
 ENCODER_SPEC: dict[str, Any] = {
     "name": Str(),                  # label used in file and column names, e.g. "lite0"
     "arch": Str(),                  # timm name or "open_clip:<model>"
@@ -72,6 +82,8 @@ ENCODER_SPEC: dict[str, Any] = {
                                     # blocks.6); embeddings = tail + pooling run on the cache (lib/vision/trunk.py)
     "finetune": Bool(False),        # with cut: fine-tune the tail + a head per fold on the cache -> feature
                                     # block ft_<name> (own-fold OOF logits, fold-mean test logits)
+    "finetune_with": {k: Nullable(v) for k, v in FINETUNE_SPEC.items()},  # this encoder's own fine-tune
+                                    # settings; null = features.finetune (e.g. a lower tail_lr for a deeper cut)
 }
 
 
@@ -231,15 +243,7 @@ SCHEMA: dict[str, Any] = {
         "keep_views": Bool(False),
         "batch_size": Int(32, min=1),
         "workers": Int(0, min=-1),        # DataLoader workers for decoding (0 = main process: fastest on 2 cores; -1 = cores - 1)
-        "finetune": {                     # cached-trunk fine-tuning of encoders with cut + finetune: true
-            "epochs": Int(10, min=1),
-            "batch_size": Int(64, min=1),
-            "lr": Float(1e-3, gt=0),        # the new linear head
-            "tail_lr": Float(1e-3, min=0),  # the pretrained modules after the cut (0 = frozen, a probe)
-            "weight_decay": Float(1e-2, min=0),
-            "dropout": Float(0.2, min=0, lt=1),
-            "class_weight_power": Float(0.5, min=0),
-        },
+        "finetune": FINETUNE_SPEC,        # cached-trunk fine-tuning of encoders with cut + finetune: true
         "from_exps": ListOf(Str()),       # trained experiments whose fold models give class logits (aligned across folds; own-fold OOF for train rows, fold mean for test)
     },
     "stack": {

@@ -308,7 +308,9 @@ class Record(Spec):
     def check(self, value: Any, where: str) -> None:
         if not isinstance(value, dict):
             self.fail(value, where)
-        check_section(self.fields, {k: value.get(k, s.default) for k, s in self.fields.items()}, where)
+        filled = {k: value[k] if k in value else (defaults_of(s) if isinstance(s, dict) else s.default)
+                  for k, s in self.fields.items()}
+        check_section(self.fields, filled, where)
 
 
 # --------------------------------------------------------------------------- schema walkers

@@ -130,7 +130,7 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
     if info.get("task", "multiclass") != "multiclass":
         raise ConfigError(f"features.encoders[{enc['name']}].finetune: cached-trunk fine-tuning is multiclass only")
     classes, name = list(info["classes"]), f"ft_{enc['name']}"
-    ft = FineTune(**cfg["features"]["finetune"], seed=int(cfg["seed"]))
+    ft = FineTune(**finetune_settings(cfg, enc), seed=int(cfg["seed"]))
     views = parse_views(enc.get("tta") or cfg["features"]["tta"])
     spec = encoder_spec(enc, views, info["cache_tag"])
     key = spec_key({"trunk": trunk_key(spec, enc["cut"]), "finetune": vars(ft), "folds": A.folds_sha1(cfg),
@@ -143,6 +143,12 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
     for split in tables:
         _link(folder / f"{split}.parquet", out / A.features_file(name, split))
         shutil.copyfile(folder / f"{split}.json", out / A.features_file(name, split, "json"))
+
+
+def finetune_settings(cfg: dict, enc: dict) -> dict:
+    """`features.finetune`, overridden by the encoder's non-null `finetune_with` keys."""
+    own = {k: v for k, v in (enc.get("finetune_with") or {}).items() if v is not None}
+    return {**cfg["features"]["finetune"], **own}
 
 
 def _finetune(enc: dict, name: str, classes: list[str], ft: FineTune, train: pd.DataFrame,

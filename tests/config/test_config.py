@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lib.config import cli, load, schema
+from lib.config.schema import FINETUNE_SPEC
 from lib.core import artifacts
 from lib.core.errors import ConfigError, PipelineError
 
@@ -113,7 +114,20 @@ def test_encoder_items_filled_from_item_schema():
     cfg = load.load_config(None, ["features.encoders=[{name: a, arch: resnet18}]"])
     assert cfg["features"]["encoders"] == [{"name": "a", "arch": "resnet18", "weights": None, "size": None,
                                             "hub": False, "tta": None, "cut": None,
-                                            "finetune": False}]
+                                            "finetune": False,
+                                            "finetune_with": {k: None for k in FINETUNE_SPEC}}]
+
+
+def test_encoder_finetune_with_is_strict_and_typed(tmp_path):
+    enc = {"name": "a", "arch": "x", "cut": "c", "finetune": True}
+    cfg = load.load_config(write(tmp_path / "ok.yaml", {"features": {"encoders": [
+        {**enc, "finetune_with": {"epochs": 3, "tail_lr": 1e-4}}]}}))
+    own = cfg["features"]["encoders"][0]["finetune_with"]
+    assert own["epochs"] == 3 and own["tail_lr"] == pytest.approx(1e-4) and own["lr"] is None
+    with pytest.raises(PipelineError, match=r"unknown key 'features\.encoders\[0\]\.finetune_with\.epoch'.*'epochs'"):
+        load.load_config(write(tmp_path / "typo.yaml", {"features": {"encoders": [{**enc, "finetune_with": {"epoch": 3}}]}}))
+    with pytest.raises(ConfigError, match=r"features\.encoders\[0\]\.finetune_with\.epochs = 0 is not allowed"):
+        load.load_config(write(tmp_path / "bad.yaml", {"features": {"encoders": [{**enc, "finetune_with": {"epochs": 0}}]}}))
 
 
 def test_encoder_item_unknown_key(tmp_path):
@@ -125,7 +139,7 @@ def test_encoder_item_unknown_key(tmp_path):
 
 def test_encoder_item_must_be_mapping():
     with pytest.raises(ConfigError, match=r"^config: features\.encoders\[0\] = 'lite0' is not allowed: "
-                                          r"expected a mapping with keys name, arch, weights, size, hub, tta, cut, finetune$"):
+                                          r"expected a mapping with keys name, arch, weights, size, hub, tta, cut, finetune, finetune_with$"):
         load.load_config(None, ["features.encoders=[lite0]"])
 
 

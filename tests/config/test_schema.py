@@ -190,7 +190,8 @@ def test_every_key_has_a_spec_and_its_default_passes():
 
 def test_list_item_schemas_and_plain_item_defaults():
     assert schema.ENCODER_ITEM == {"name": None, "arch": None, "weights": None, "size": None, "hub": False,
-                                   "tta": None, "cut": None, "finetune": False}
+                                   "tta": None, "cut": None, "finetune": False,
+                                   "finetune_with": {k: None for k in schema.FINETUNE_SPEC}}
     assert schema.MEMBER_ITEM == {"exp": None, "weight": None}
     assert schema.LIST_ITEMS == {"features.encoders": schema.ENCODER_ITEM, "submit.members": schema.MEMBER_ITEM}
 

@@ -169,6 +169,18 @@ def test_cut_encoder_fine_tunes_on_its_trunk_cache(prepared: Path, caplog: pytes
     assert "cached fine-tuned logits reused" in caplog.text and "cached embeddings reused" in caplog.text
 
 
+def test_encoder_finetune_with_overrides_the_shared_settings(prepared: Path) -> None:
+    own = {**ENCODER_ITEM["finetune_with"], "epochs": 1, "tail_lr": 0.0}
+    cfg = _cfg(prepared, "ft3", cut="conv_head", finetune=True, finetune_with=own)
+    cfg["features"]["finetune"]["epochs"] = 2
+    assert features.finetune_settings(cfg, cfg["features"]["encoders"][0]) == {
+        **cfg["features"]["finetune"], "epochs": 1, "tail_lr": 0.0}
+    features.run(cfg)
+    meta = read_json(prepared / "ft3/features/ft_tiny_train.json")
+    assert meta["finetune"]["epochs"] == 1 and meta["finetune"]["tail_lr"] == 0.0
+    assert meta["finetune"]["lr"] == cfg["features"]["finetune"]["lr"]   # the rest from features.finetune
+
+
 def test_finetune_without_cut_is_a_config_error(prepared: Path) -> None:
     from lib.core.errors import ConfigError
     with pytest.raises(ConfigError, match="finetune needs cut"):

@@ -1,0 +1,59 @@
+"""How much a held-out macro Dice can be trusted: a class-stratified bootstrap of the lesions.
+
+Each replicate redraws, with replacement, as many lesions of each true class as the held-out set
+has (so a class with 1 or 8 positives keeps them: the plain bootstrap would sometimes drop a rare
+class, and its Dice would jump to 1.0 by the scorer's "absent and never predicted" rule). The
+score of a replicate is the official macro Dice (decisions `p > 0.5`, per-class Dice, plain mean:
+`lib.evaluation.metrics.dice_per_class`) computed with the draw counts as row weights. With a second
+submission the difference is paired: both are scored on the same draws, so the standard error of
+the difference is that of the change, not of either score.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lib.core.errors import PipelineError
+from lib.evaluation.metrics import DECISION_THRESHOLD
+
+
+def stratified_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """`[n_boot, N]` draw counts: per replicate, each label value keeps its number of rows."""
+    if n_boot < 1:
+        raise PipelineError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    w = np.zeros((n_boot, len(labels)))
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        draws = rng.integers(0, len(idx), size=(n_boot, len(idx)))
+        np.add.at(w, (np.arange(n_boot)[:, None], idx[draws]), 1.0)
+    return w
+
+
+def weighted_macro_dice(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Macro Dice per weight row (`w`: `[B, N]`) with the official edge rule (1.0 if TP+FP+FN == 0)."""
+    t = (np.asarray(y, np.float64) > 0.5).astype(np.float64)
+    p = (np.asarray(probs, np.float64) > DECISION_THRESHOLD).astype(np.float64)
+    tp, den = w @ (t * p), w @ t + w @ p
+    return np.where(den == 0, 1.0, 2.0 * tp / np.maximum(den, 1e-12)).mean(axis=1)
+
+
+def bootstrap_macro_dice(y: np.ndarray, probs: np.ndarray, against: np.ndarray | None = None,
+                         n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Point macro Dice, bootstrap standard error and 95% percentile interval; with `against` (another
+    submission's probabilities for the same rows) also the paired difference `probs - against`."""
+    y = np.asarray(y, np.float64)
+    if probs.shape != y.shape or (against is not None and against.shape != y.shape):
+        raise PipelineError(f"bootstrap: truth {y.shape} and predictions {probs.shape} differ in shape")
+    w = stratified_weights(y.argmax(axis=1), n_boot, seed)
+    one = np.ones((1, len(y)))
+    a = weighted_macro_dice(y, probs, w)
+    out = {"n": float(len(y)), "n_boot": float(n_boot), "macro_dice": float(weighted_macro_dice(y, probs, one)[0]),
+           "se": float(a.std(ddof=1)) if n_boot > 1 else 0.0,
+           "ci_low": float(np.quantile(a, 0.025)), "ci_high": float(np.quantile(a, 0.975))}
+    if against is not None:
+        d = a - weighted_macro_dice(y, against, w)
+        out.update(diff=out["macro_dice"] - float(weighted_macro_dice(y, against, one)[0]),
+                   diff_se=float(d.std(ddof=1)) if n_boot > 1 else 0.0,
+                   diff_ci_low=float(np.quantile(d, 0.025)), diff_ci_high=float(np.quantile(d, 0.975)),
+                   p_not_better=float((d <= 0).mean()))
+    return out

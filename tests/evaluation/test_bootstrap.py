@@ -1,0 +1,56 @@
+"""lib/evaluation/bootstrap.py: class-stratified bootstrap of the official macro Dice."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lib.core.errors import PipelineError
+from lib.evaluation.bootstrap import bootstrap_macro_dice, stratified_weights, weighted_macro_dice
+from lib.evaluation.metrics import macro_dice
+
+
+def _data(n: int = 120, k: int = 4, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lab = np.r_[np.arange(k), rng.integers(0, k, n - k)]          # every class present, one of them rare-ish
+    y = np.eye(k)[lab]
+    noisy = np.where(rng.random(n) < 0.3, rng.integers(0, k, n), lab)  # 30% of rows relabelled at random
+    return y, np.eye(k)[noisy] * 0.9 + 0.01
+
+
+def test_weights_keep_every_class_count_and_follow_the_seed() -> None:
+    lab = np.array([0, 0, 0, 1, 2, 2, 2, 2, 2, 1])
+    w = stratified_weights(lab, 50, seed=3)
+    assert w.shape == (50, len(lab))
+    for k in np.unique(lab):
+        assert (w[:, lab == k].sum(axis=1) == (lab == k).sum()).all()
+    assert np.array_equal(w, stratified_weights(lab, 50, seed=3)) and not np.array_equal(w, stratified_weights(lab, 50, 4))
+    with pytest.raises(PipelineError, match="n_boot"):
+        stratified_weights(lab, 0, 0)
+
+
+def test_weighted_dice_equals_the_official_dice_on_repeated_rows() -> None:
+    y, p = _data()
+    assert weighted_macro_dice(y, p, np.ones((1, len(y))))[0] == pytest.approx(macro_dice(y, p))
+    w = stratified_weights(y.argmax(1), 3, seed=0)
+    for row in w:
+        rep = np.repeat(np.arange(len(y)), row.astype(int))
+        assert weighted_macro_dice(y, p, row[None])[0] == pytest.approx(macro_dice(y[rep], p[rep]))
+
+
+def test_interval_and_paired_difference() -> None:
+    y, p = _data()
+    b = bootstrap_macro_dice(y, p, n_boot=400, seed=0)
+    assert b["macro_dice"] == pytest.approx(macro_dice(y, p)) and b["se"] > 0
+    assert b["ci_low"] < b["macro_dice"] < b["ci_high"]
+    perfect = bootstrap_macro_dice(y, y, n_boot=50)
+    assert perfect["macro_dice"] == 1.0 and perfect["se"] == 0.0
+    same = bootstrap_macro_dice(y, p, against=p.copy(), n_boot=100)
+    assert same["diff"] == 0.0 and same["diff_se"] == 0.0 and same["p_not_better"] == 1.0
+    # correcting wrong rows can only raise every class's Dice: the paired difference is >= 0 on every draw
+    fixed = p.copy()
+    wrong = np.flatnonzero(p.argmax(1) != y.argmax(1))[:3]
+    fixed[wrong] = y[wrong] * 0.9 + 0.01
+    d = bootstrap_macro_dice(y, fixed, against=p, n_boot=300, seed=0)
+    assert d["diff"] > 0 and d["diff_ci_low"] >= 0 and d["diff_se"] > 0
+    with pytest.raises(PipelineError, match="shape"):
+        bootstrap_macro_dice(y, p[:-1])
