@@ -4,11 +4,12 @@ a network guard that fails the run on any non-loopback connection or name lookup
 The full wheels rehearsal (fresh venv, pip --no-index) is `python tools/kaggle_rehearsal.py`."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.helpers import load_file
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("nbclient")
@@ -21,10 +22,7 @@ TINY = ["train.model.arch=test_efficientnet", "train.model.weights=null", "train
 
 
 def _rehearsal():
-    spec = importlib.util.spec_from_file_location("kaggle_rehearsal", ROOT / "tools" / "kaggle_rehearsal.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(ROOT / "tools" / "kaggle_rehearsal.py", "kaggle_rehearsal")
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,19 @@
 """tools/check_gpu.py: the report's logic on CPU (the GPU paths are not measured here: no GPU)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def cg():
-    spec = importlib.util.spec_from_file_location("check_gpu", ROOT / "tools" / "check_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(ROOT / "tools" / "check_gpu.py", "check_gpu")
 
 
 def test_cpu_tiny_run_reports_every_field(cg, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,12 +4,13 @@ Python, absent or foreign sklesion weights, read-only output); the sklesion file
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_file
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,10 +19,7 @@ TOOL = ROOT / "tools" / "kaggle_install.py"
 
 @pytest.fixture(scope="module")
 def ki():
-    spec = importlib.util.spec_from_file_location("kaggle_install", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(TOOL, "kaggle_install")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

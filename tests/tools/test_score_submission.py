@@ -1,7 +1,6 @@
 """tools/score_submission.py --bootstrap / --against on tiny official-format files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,16 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["A", "B", "C"]
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("score_submission", ROOT / "tools" / "score_submission.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(ROOT / "tools" / "score_submission.py", "score_submission")
 
 
 def _files(tmp_path: Path) -> tuple[Path, Path, Path]:
