@@ -329,7 +329,8 @@ def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame,
     thresholds tuned on the other folds' rows of that blend (and, for reference, by argmax). Before,
     05 tuned the weights on every fold and nested only the thresholds: the fold's own rows had
     helped choose its weights. Returns the nested macro Dice at tuned thresholds, the nested argmax
-    macro F1 and the nested blended OOF probabilities (rows in `truth_df` order). `post`: what 05
+    macro F1, the nested blended OOF probabilities (rows in `truth_df` order) and the nested tuned
+    decisions (`decided_tuned`, 0/1). `post`: what 05
     applies to the blend before deciding (its logit adjustment), applied here too."""
     classes = _check_tables(oof_tables)
     post = post or (lambda P: P)
@@ -350,7 +351,7 @@ def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame,
         P_nested[m] = P_in
     return {"macro_dice_tuned_nested": float(M.macro_dice(Y, decided.astype(float))),
             "macro_f1_argmax_nested": float(M.macro_dice(Y, argmax_decisions(P_nested))),
-            "weights_per_fold": used, "probs": P_nested}
+            "weights_per_fold": used, "probs": P_nested, "decided_tuned": decided.astype(np.float64)}
 
 
 def _nested_weights(weights_per_fold: dict | None, fold: int, n: int) -> np.ndarray:

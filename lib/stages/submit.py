@@ -14,6 +14,7 @@ from lib.core.errors import PipelineError
 from lib.core.io import ID, read_json, write_json, write_parquet
 from lib.data.dataset import load_dataset
 from lib.evaluation import ensemble
+from lib.evaluation.bootstrap import bootstrap_macro_dice
 from lib.evaluation import metrics as M
 from lib.evaluation import report as R
 from lib.evaluation.submission import (
@@ -63,6 +64,7 @@ def _nested(s: dict, task: str, classes: list[str], oofs: list[pd.DataFrame], tr
            "weights_per_fold_used": res["weights_per_fold"]}
     if task == "multiclass":
         out.update(macro_f1_argmax_old=metrics["macro_f1_argmax"], macro_f1_argmax_nested=res["macro_f1_argmax_nested"])
+        out["bootstrap"] = _bootstrap_se(train, classes, res)
     if task == "binary":
         out.update(pauc_80_old=metrics["pauc_80"],
                    pauc_80_nested=float(M.partial_auc(train[f"y_{classes[0]}"].to_numpy(), res["probs"][:, 0])))
@@ -70,6 +72,20 @@ def _nested(s: dict, task: str, classes: list[str], oofs: list[pd.DataFrame], tr
              out["macro_dice_tuned_cv_nested"], out["macro_dice_tuned_cv_old"],
              f"; argmax {out['macro_f1_argmax_nested']:.4f} (was {out['macro_f1_argmax_old']:.4f})"
              if task == "multiclass" else "")
+    return out
+
+
+def _bootstrap_se(train: pd.DataFrame, classes: list[str], res: dict, n_boot: int = 1000) -> dict:
+    """Standard error / 95% interval of the two nested estimates (argmax, tuned thresholds) over
+    class-stratified bootstrap draws of the OOF lesions (`lib.evaluation.bootstrap`)."""
+    y = train[[f"y_{c}" for c in classes]].to_numpy(np.float64)
+    out = {"n_boot": n_boot, "draws": "class-stratified"}
+    for name, dec in (("argmax", ensemble.argmax_decisions(res["probs"])), ("thresholds", res["decided_tuned"])):
+        b = bootstrap_macro_dice(y, dec, n_boot=n_boot, seed=0)
+        out[name] = {k: round(b[k], 4) for k in ("macro_dice", "se", "ci_low", "ci_high")}
+    log.info("honest CV uncertainty (%d class-stratified bootstrap draws of the OOF lesions): argmax %.4f +- %.4f, "
+             "tuned thresholds %.4f +- %.4f (SE)", n_boot, out["argmax"]["macro_dice"], out["argmax"]["se"],
+             out["thresholds"]["macro_dice"], out["thresholds"]["se"])
     return out
 
 
@@ -182,7 +198,10 @@ def run(cfg: dict) -> dict:
         times = A.stage_times(cfg, inputs) + [{"number": A.STAGES["submit"][0], "stage": "submit",
                                                "exp": f"{cfg['exp']} (until this report)",
                                                "wall_seconds": time.time() - t0}]
-        R.write_report(out, train, oof, classes, metrics, metrics["thresholds"], decision,
+        b = honest.get("bootstrap", {})
+        headline = {**metrics, **{f"honest_{r}{k}": b[r][v] for r in ("argmax", "thresholds") if r in b
+                                  for k, v in (("", "macro_dice"), ("_se", "se"))}}
+        R.write_report(out, train, oof, classes, headline, metrics["thresholds"], decision,
                        _member_rows(cfg, names, w), R.load_histories(Path(cfg["paths"]["output"]), names),
                        title=f"{cfg['exp']}: submission report", task=task, stage_times=times)
     A.write_manifest(cfg, out, "submit", inputs, time.time() - t0)

@@ -217,6 +217,7 @@ def test_nested_blend_cv_with_one_member_equals_the_thresholds_only_estimate():
     old = E.foldwise_threshold_spread(Y, tables[0][CLASSES].to_numpy(), folds)["cv_dice_pooled"]
     assert res["macro_dice_tuned_nested"] == pytest.approx(old)
     assert res["macro_f1_argmax_nested"] == pytest.approx(M.macro_f1_argmax(Y, tables[0][CLASSES].to_numpy()))
+    assert res["macro_dice_tuned_nested"] == pytest.approx(M.macro_dice(Y, res["decided_tuned"]))  # the decisions it scored
 
 
 def test_fold_average_gap_sees_smoother_test_probabilities():

@@ -100,7 +100,15 @@ def test_logit_adjust_enters_the_nested_estimate(preps: Path, make_member) -> No
     for cv in cvs.values():
         h = cv["submit"]["honest_cv"]
         assert h["macro_f1_argmax_nested"] == pytest.approx(cv["macro_f1_argmax"])
+        # the uncertainty of each nested estimate: the same point value, a positive SE, an interval around it
+        b = h["bootstrap"]
+        for rule, point in (("argmax", h["macro_f1_argmax_nested"]), ("thresholds", h["macro_dice_tuned_cv_nested"])):
+            assert b[rule]["macro_dice"] == pytest.approx(point, abs=1e-4) and b[rule]["se"] > 0
+            assert b[rule]["ci_low"] <= b[rule]["macro_dice"] <= b[rule]["ci_high"]
     assert cvs[2.0]["macro_f1_argmax"] != pytest.approx(cvs[0.0]["macro_f1_argmax"])
+    md = (preps / "sub_tau2.0" / A.REPORT).read_text()
+    se = cvs[2.0]["submit"]["honest_cv"]["bootstrap"]["argmax"]["se"]
+    assert "honest CV with the blend weights nested" in md and f"{se:.4f}" in md
 
 
 def test_auto_decision_compares_the_nested_estimates() -> None:
