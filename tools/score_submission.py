@@ -51,7 +51,12 @@ def _bootstrap(truth: pd.DataFrame, sub: pd.DataFrame, classes: list[str], task:
     if task != "multiclass":
         raise PipelineError(f"--bootstrap is for multiclass truth (macro Dice), not {task}")
     _, y, probs = align_to_truth(truth, sub, classes)
-    other = align_to_truth(truth, _read_sub(a.against), classes)[2] if a.against else None
+    other = None
+    if a.against:
+        try:
+            other = align_to_truth(truth, _read_sub(a.against), classes)[2]
+        except PipelineError as e:
+            raise PipelineError(f"--against {a.against}: {e}") from None
     b = bootstrap_macro_dice(y, probs, other, n_boot=a.bootstrap, seed=a.seed)
     msg = f"bootstrap ({a.bootstrap} class-stratified draws): macro Dice {b['macro_dice']:.4f}, SE {b['se']:.4f}, " \
           f"95% [{b['ci_low']:.4f}, {b['ci_high']:.4f}]"
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             res.update(_official(truth, sub, classes))
         if a.bootstrap:
             res["bootstrap"] = _bootstrap(truth, sub, classes, task, a)
-    except (PipelineError, FileNotFoundError, KeyError, ValueError) as e:
+    except (PipelineError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if task == "binary":

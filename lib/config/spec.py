@@ -308,9 +308,22 @@ class Record(Spec):
     def check(self, value: Any, where: str) -> None:
         if not isinstance(value, dict):
             self.fail(value, where)
-        filled = {k: value[k] if k in value else (defaults_of(s) if isinstance(s, dict) else s.default)
-                  for k, s in self.fields.items()}
+        filled = {k: _filled_section(s, value.get(k), f"{where}.{k}") if isinstance(s, dict)
+                  else value.get(k, s.default) for k, s in self.fields.items()}
         check_section(self.fields, filled, where)
+
+
+def _filled_section(schema: dict, value: Any, where: str) -> dict:
+    """A sub-section of a list item (e.g. `finetune_with`) as given, strict, with its defaults filled."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config: {where} = {show(value)} is not allowed: expected a mapping with keys "
+                          f"{', '.join(schema)}")
+    unknown = sorted(set(value) - set(schema))
+    if unknown:
+        raise ConfigError(f"config: unknown key '{where}.{unknown[0]}' (keys: {', '.join(schema)})")
+    return {**defaults_of(schema), **value}
 
 
 # --------------------------------------------------------------------------- schema walkers

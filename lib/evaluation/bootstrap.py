@@ -7,6 +7,11 @@ score of a replicate is the official macro Dice (decisions `p > 0.5`, per-class 
 `lib.evaluation.metrics.dice_per_class`) computed with the draw counts as row weights. With a second
 submission the difference is paired: both are scored on the same draws, so the standard error of
 the difference is that of the change, not of either score.
+
+What it does not cover: the class counts are held fixed, so a class with one held-out lesion keeps
+that lesion in every draw; a fresh test set would also redraw how many rare lesions it holds. The
+standard error is therefore a lower bound on the noise of the score on another test set of the
+same size, and the paired difference (both on the same lesions) is what tells two variants apart.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from lib.evaluation.metrics import DECISION_THRESHOLD
 
 def stratified_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """`[n_boot, N]` draw counts: per replicate, each label value keeps its number of rows."""
-    if n_boot < 1:
-        raise PipelineError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
+    if n_boot < 2:
+        raise PipelineError(f"bootstrap: n_boot must be >= 2 (a standard error needs two draws), got {n_boot}")
     rng = np.random.default_rng(seed)
     w = np.zeros((n_boot, len(labels)))
     for k in np.unique(labels):
@@ -41,19 +46,23 @@ def bootstrap_macro_dice(y: np.ndarray, probs: np.ndarray, against: np.ndarray |
                          n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """Point macro Dice, bootstrap standard error and 95% percentile interval; with `against` (another
     submission's probabilities for the same rows) also the paired difference `probs - against`."""
-    y = np.asarray(y, np.float64)
-    if probs.shape != y.shape or (against is not None and against.shape != y.shape):
-        raise PipelineError(f"bootstrap: truth {y.shape} and predictions {probs.shape} differ in shape")
+    y, probs = np.asarray(y, np.float64), np.asarray(probs, np.float64)
+    against = None if against is None else np.asarray(against, np.float64)
+    for name, a in (("predictions", probs), ("the --against predictions", against)):
+        if a is not None and a.shape != y.shape:
+            raise PipelineError(f"bootstrap: truth {y.shape} and {name} {a.shape} differ in shape")
+    if y.ndim != 2 or not ((y > 0.5).sum(axis=1) == 1).all():
+        raise PipelineError("bootstrap: the truth must have exactly one positive class per row (multiclass)")
     w = stratified_weights(y.argmax(axis=1), n_boot, seed)
     one = np.ones((1, len(y)))
     a = weighted_macro_dice(y, probs, w)
-    out = {"n": float(len(y)), "n_boot": float(n_boot), "macro_dice": float(weighted_macro_dice(y, probs, one)[0]),
-           "se": float(a.std(ddof=1)) if n_boot > 1 else 0.0,
+    out: dict[str, float] = {"n": len(y), "n_boot": n_boot, "macro_dice": float(weighted_macro_dice(y, probs, one)[0]),
+           "se": float(a.std(ddof=1)),
            "ci_low": float(np.quantile(a, 0.025)), "ci_high": float(np.quantile(a, 0.975))}
     if against is not None:
         d = a - weighted_macro_dice(y, against, w)
         out.update(diff=out["macro_dice"] - float(weighted_macro_dice(y, against, one)[0]),
-                   diff_se=float(d.std(ddof=1)) if n_boot > 1 else 0.0,
+                   diff_se=float(d.std(ddof=1)),
                    diff_ci_low=float(np.quantile(d, 0.025)), diff_ci_high=float(np.quantile(d, 0.975)),
                    p_not_better=float((d <= 0).mean()))
     return out

@@ -84,7 +84,7 @@ def log_cv(name: str, cv: dict) -> None:
 # ----------------------------------------------------------------------------- report.md + PNGs
 
 DECISIONS = ("argmax", "thresholds", "raw")
-HEADLINE = {  # cv key -> label, in report order
+HEADLINE = {  # key of the dict given to write_report (a cv_summary; 05 adds the honest_* keys) -> label
     "macro_f1_argmax": "Macro F1 at argmax",
     "macro_dice_05": "Macro Dice at 0.5",
     "macro_dice_tuned_pooled": "Macro Dice, tuned thresholds, pooled (optimistic)",

@@ -197,6 +197,9 @@ def run(cfg: dict) -> None:
     for enc in cfg["features"]["encoders"]:
         if enc["finetune"] and not enc["cut"]:
             raise ConfigError(f"features.encoders[{enc['name']}]: finetune needs cut (the module the trunk ends at)")
+        if not enc["finetune"] and any(v is not None for v in (enc.get("finetune_with") or {}).values()):
+            raise ConfigError(f"features.encoders[{enc['name']}]: finetune_with is set but finetune is false "
+                              "(set finetune: true, or drop finetune_with)")
         t_enc = time.time()
         if enc["cut"]:
             paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables)

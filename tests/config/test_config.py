@@ -129,6 +129,18 @@ def test_encoder_finetune_with_is_strict_and_typed(tmp_path):
     with pytest.raises(ConfigError, match=r"features\.encoders\[0\]\.finetune_with\.epochs = 0 is not allowed"):
         load.load_config(write(tmp_path / "bad.yaml", {"features": {"encoders": [{**enc, "finetune_with": {"epochs": 0}}]}}))
 
+    # validate() on a hand-built config: a partial section is filled, a scalar / unknown key is one line
+    load.validate(cfg)
+    cfg["features"]["encoders"][0]["finetune_with"] = {"epochs": 2}
+    load.validate(cfg)
+    cfg["features"]["encoders"][0]["finetune_with"] = None
+    load.validate(cfg)
+    for bad, msg in ((3, r"finetune_with = 3 is not allowed: expected a mapping"),
+                     ({"epoch": 2}, r"unknown key 'features\.encoders\[0\]\.finetune_with\.epoch'")):
+        cfg["features"]["encoders"][0]["finetune_with"] = bad
+        with pytest.raises(ConfigError, match=msg):
+            load.validate(cfg)
+
 
 def test_encoder_item_unknown_key(tmp_path):
     p = write(tmp_path / "x.yaml", {"features": {"encoders": [{"name": "a", "arch": "x"},

@@ -54,3 +54,16 @@ def test_interval_and_paired_difference() -> None:
     assert d["diff"] > 0 and d["diff_ci_low"] >= 0 and d["diff_se"] > 0
     with pytest.raises(PipelineError, match="shape"):
         bootstrap_macro_dice(y, p[:-1])
+    with pytest.raises(PipelineError, match="--against predictions"):
+        bootstrap_macro_dice(y, p, against=p[:-1])
+
+
+def test_bad_requests_are_refused_and_lists_are_accepted() -> None:
+    y, p = _data(n=30)
+    with pytest.raises(PipelineError, match="n_boot must be >= 2"):
+        bootstrap_macro_dice(y, p, n_boot=1)
+    multi = y.copy()
+    multi[0] = 1.0
+    with pytest.raises(PipelineError, match="exactly one positive"):
+        bootstrap_macro_dice(multi, p)
+    assert bootstrap_macro_dice(y.tolist(), p.tolist(), n_boot=20)["macro_dice"] == pytest.approx(macro_dice(y, p))

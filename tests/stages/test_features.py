@@ -10,7 +10,7 @@ import pytest
 from lib.config.load import load_config
 from lib.config.schema import ENCODER_ITEM
 from lib.core import artifacts
-from lib.core.errors import PipelineError
+from lib.core.errors import ConfigError, PipelineError
 from lib.core.io import read_json
 from lib.data import dataset
 from lib.stages import features, prepare
@@ -179,6 +179,15 @@ def test_encoder_finetune_with_overrides_the_shared_settings(prepared: Path) -> 
     meta = read_json(prepared / "ft3/features/ft_tiny_train.json")
     assert meta["finetune"]["epochs"] == 1 and meta["finetune"]["tail_lr"] == 0.0
     assert meta["finetune"]["lr"] == cfg["features"]["finetune"]["lr"]   # the rest from features.finetune
+    # its own cache folder: the key has the merged settings, so the shared-settings fine-tune is not reused
+    shared = _cfg(prepared, "ft3b", cut="conv_head", finetune=True)
+    shared["features"]["finetune"]["epochs"] = 2
+    features.run(shared)
+    caches = list((prepared / "prep").rglob("features/ft_tiny-*"))   # one per distinct settings, whatever ran before
+    assert len(caches) == 2 and {read_json(c / "train.json")["finetune"]["epochs"] for c in caches} == {1, 2}
+    off = _cfg(prepared, "ft4", cut="conv_head", finetune=False, finetune_with=own)
+    with pytest.raises(ConfigError, match="finetune_with is set but finetune is false"):
+        features.run(off)
 
 
 def test_finetune_without_cut_is_a_config_error(prepared: Path) -> None:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import load_file
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "kaggle_install.py"

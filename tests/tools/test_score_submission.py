@@ -52,3 +52,13 @@ def test_bad_bootstrap_requests_exit_2(tool, tmp_path: Path, capsys: pytest.Capt
     pd.DataFrame({"isic_id": ["x", "y"], "target": [0.0, 1.0]}).to_csv(binary, index=False)
     assert tool.main(["--truth", str(binary), "--submission", str(binary), "--bootstrap", "10"]) == 2
     assert "multiclass" in capsys.readouterr().err
+
+
+def test_bad_against_files_exit_2_naming_the_file(tool, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    truth, a, b = _files(tmp_path)
+    short = tmp_path / "short.csv"
+    pd.read_csv(b).iloc[:-1].to_csv(short, index=False)
+    for bad, words in ((short, f"--against {short}: prediction table: lesion_id mismatch"), (tmp_path, str(tmp_path))):
+        assert tool.main(["--truth", str(truth), "--submission", str(a), "--bootstrap", "10", "--against", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
