@@ -3,10 +3,10 @@
 Each replicate redraws, with replacement, as many lesions of each true class as the held-out set
 has (so a class with 1 or 8 positives keeps them: the plain bootstrap would sometimes drop a rare
 class, and its Dice would jump to 1.0 by the scorer's "absent and never predicted" rule). The
-score of a replicate is the official macro Dice (decisions `p > 0.5`, per-class Dice, plain mean:
-`lib.evaluation.metrics.dice_per_class`) computed with the draw counts as row weights. With a second
-submission the difference is paired: both are scored on the same draws, so the standard error of
-the difference is that of the change, not of either score.
+point score is `lib.evaluation.metrics.macro_dice` (the official one); a replicate's is the same
+macro Dice (decisions `p > 0.5`, per-class Dice, plain mean) with the draw counts as row weights.
+With a second submission the difference is paired: both are scored on the same draws, so the
+standard error of the difference is that of the change, not of either score.
 
 What it does not cover: the class counts are held fixed, so a class with one held-out lesion keeps
 that lesion in every draw; a fresh test set would also redraw how many rare lesions it holds. The
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.core.errors import PipelineError
-from lib.evaluation.metrics import DECISION_THRESHOLD
+from lib.evaluation.metrics import DECISION_THRESHOLD, macro_dice
 
 
 def stratified_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -54,14 +54,13 @@ def bootstrap_macro_dice(y: np.ndarray, probs: np.ndarray, against: np.ndarray |
     if y.ndim != 2 or not ((y > 0.5).sum(axis=1) == 1).all():
         raise PipelineError("bootstrap: the truth must have exactly one positive class per row (multiclass)")
     w = stratified_weights(y.argmax(axis=1), n_boot, seed)
-    one = np.ones((1, len(y)))
     a = weighted_macro_dice(y, probs, w)
-    out: dict[str, float] = {"n": len(y), "n_boot": n_boot, "macro_dice": float(weighted_macro_dice(y, probs, one)[0]),
+    out: dict[str, float] = {"n": len(y), "n_boot": n_boot, "macro_dice": macro_dice(y, probs),
            "se": float(a.std(ddof=1)),
            "ci_low": float(np.quantile(a, 0.025)), "ci_high": float(np.quantile(a, 0.975))}
     if against is not None:
         d = a - weighted_macro_dice(y, against, w)
-        out.update(diff=out["macro_dice"] - float(weighted_macro_dice(y, against, one)[0]),
+        out.update(diff=out["macro_dice"] - macro_dice(y, against),
                    diff_se=float(d.std(ddof=1)),
                    diff_ci_low=float(np.quantile(d, 0.025)), diff_ci_high=float(np.quantile(d, 0.975)),
                    p_not_better=float((d <= 0).mean()))

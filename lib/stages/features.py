@@ -145,10 +145,14 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
         shutil.copyfile(folder / f"{split}.json", out / A.features_file(name, split, "json"))
 
 
+def _own_finetune(enc: dict) -> dict:
+    """The non-null keys of the encoder's `finetune_with` (its own fine-tune settings)."""
+    return {k: v for k, v in (enc.get("finetune_with") or {}).items() if v is not None}
+
+
 def finetune_settings(cfg: dict, enc: dict) -> dict:
     """`features.finetune`, overridden by the encoder's non-null `finetune_with` keys."""
-    own = {k: v for k, v in (enc.get("finetune_with") or {}).items() if v is not None}
-    return {**cfg["features"]["finetune"], **own}
+    return {**cfg["features"]["finetune"], **_own_finetune(enc)}
 
 
 def _finetune(enc: dict, name: str, classes: list[str], ft: FineTune, train: pd.DataFrame,
@@ -197,7 +201,7 @@ def run(cfg: dict) -> None:
     for enc in cfg["features"]["encoders"]:
         if enc["finetune"] and not enc["cut"]:
             raise ConfigError(f"features.encoders[{enc['name']}]: finetune needs cut (the module the trunk ends at)")
-        if not enc["finetune"] and any(v is not None for v in (enc.get("finetune_with") or {}).values()):
+        if not enc["finetune"] and _own_finetune(enc):
             raise ConfigError(f"features.encoders[{enc['name']}]: finetune_with is set but finetune is false "
                               "(set finetune: true, or drop finetune_with)")
         t_enc = time.time()

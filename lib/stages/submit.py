@@ -14,9 +14,9 @@ from lib.core.errors import PipelineError
 from lib.core.io import ID, read_json, write_json, write_parquet
 from lib.data.dataset import load_dataset
 from lib.evaluation import ensemble
-from lib.evaluation.bootstrap import bootstrap_macro_dice
 from lib.evaluation import metrics as M
 from lib.evaluation import report as R
+from lib.evaluation.bootstrap import bootstrap_macro_dice
 from lib.evaluation.submission import (
     build_submission,
     choose_decision,

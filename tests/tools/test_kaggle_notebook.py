@@ -16,18 +16,14 @@ nbformat = pytest.importorskip("nbformat")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    return load_file(path, name)
-
-
 def test_committed_notebook_is_the_builder_output() -> None:
-    build = _load("build_notebook", ROOT / "kaggle" / "build_notebook.py")
+    build = load_file(ROOT / "kaggle" / "build_notebook.py")
     assert build.NOTEBOOK.read_text() == build.render(), "run: python kaggle/build_notebook.py"
     nbformat.validate(nbformat.read(build.NOTEBOOK, as_version=4))
 
 
 def test_parameters_cell_names_every_path_and_recipes_are_explained() -> None:
-    build = _load("build_notebook", ROOT / "kaggle" / "build_notebook.py")
+    build = load_file(ROOT / "kaggle" / "build_notebook.py")
     nb = nbformat.read(build.NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and nb.cells.index(params[0]) == 1
@@ -41,7 +37,7 @@ def test_parameters_cell_names_every_path_and_recipes_are_explained() -> None:
 
 
 def test_notebook_with_params_replaces_the_cell() -> None:
-    kr = _load("kaggle_rehearsal", ROOT / "tools" / "kaggle_rehearsal.py")
+    kr = load_file(ROOT / "tools" / "kaggle_rehearsal.py")
     nb = kr.notebook_with_params({"CODE_DIR": "/x", "EXTRA_ARGS": ["a=1"]})
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert cell.source == "CODE_DIR = '/x'\nEXTRA_ARGS = ['a=1']"
@@ -53,7 +49,7 @@ class _Stop(Exception):
 
 def _weights_cell(recipe: Path) -> tuple[list, str | None]:
     """Run the notebook's sklesion-weights cell on `recipe` without weights: (runs, error or None)."""
-    build = _load("build_notebook", ROOT / "kaggle" / "build_notebook.py")
+    build = load_file(ROOT / "kaggle" / "build_notebook.py")
     runs: list = []
     ns = {"CODE": recipe.parent, "RECIPE": recipe.name, "SKLESION_WEIGHTS": None, "StageFailed": _Stop,
           "run": lambda *a: runs.append(a), "sys": sys, "os": os}
@@ -88,7 +84,7 @@ def test_kernel_metadata_is_offline() -> None:
 
 
 def test_net_guard_refuses_and_logs_but_allows_loopback(tmp_path: Path) -> None:
-    kr = _load("kaggle_rehearsal", ROOT / "tools" / "kaggle_rehearsal.py")
+    kr = load_file(ROOT / "tools" / "kaggle_rehearsal.py")
     guard, log = kr.write_net_guard(tmp_path / "guard"), tmp_path / "net.log"
     code = ("import socket\n"
             "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); c = socket.socket()\n"
@@ -103,7 +99,7 @@ def test_net_guard_refuses_and_logs_but_allows_loopback(tmp_path: Path) -> None:
 
 
 def test_tree_digest_sees_a_write(tmp_path: Path) -> None:
-    kr = _load("kaggle_rehearsal", ROOT / "tools" / "kaggle_rehearsal.py")
+    kr = load_file(ROOT / "tools" / "kaggle_rehearsal.py")
     (tmp_path / "a").write_text("1")
     before = kr.tree_digest(tmp_path)
     (tmp_path / "a").write_text("2")
