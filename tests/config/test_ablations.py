@@ -86,3 +86,12 @@ def test_config_comments_say_what_a_file_is_not_its_history() -> None:
     bad = [f"{_rel(p)}:{i}" for p in ALL for i, ln in enumerate(p.read_text().splitlines(), 1)
            if ln.lstrip().startswith("#") and history.search(ln)]
     assert not bad, bad
+
+
+def test_every_benchmarks_section_the_table_names_exists() -> None:
+    bench = (ROOT / "BENCHMARKS.md").read_text()
+    heads = [ln.lstrip("#").strip() for ln in bench.splitlines() if ln.startswith("#")]
+    rows = [ln for ln in TABLE.read_text().splitlines() if ln.startswith("| `")]
+    quoted = [q for r in rows for q in re.findall(r'"([^"]+)"', r.rsplit("|", 2)[-2])]
+    missing = [q for q in quoted if not any(h.startswith(q) for h in heads)]
+    assert quoted and not missing, missing
