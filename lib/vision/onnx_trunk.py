@@ -110,7 +110,9 @@ def make_session(path: Path, threads: int) -> Any:
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """`module` (eval, CPU) -> ONNX at `path`, dynamic batch, opset `OPSET`."""
+    """`module` -> ONNX at `path` (eval mode: a container left in train mode, e.g. `split_at`'s
+    Sequential, would export its batch norms in training form), dynamic batch, opset `OPSET`."""
+    module.eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")   # the exporter's deprecation / tracer notices, its graph dump on failure
         torch.onnx.export(module, (example.contiguous(),), str(path), input_names=["x"], output_names=["y"],

@@ -134,3 +134,14 @@ def test_onnxruntime_not_installed_is_one_line_and_exit_2(monkeypatch, capsys) -
                         ["features.runtime=onnxruntime"], "d")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "onnxruntime" in err[0] and "Traceback" not in err[0]
+
+
+def test_export_of_a_container_left_in_train_mode_is_the_eval_forward(tmp_path) -> None:
+    trunk = _trunk()                       # split_at's Sequential: train mode, its children in eval mode
+    assert trunk.training
+    stats = trunk[1].running_mean.clone()
+    O.export_onnx(trunk, _x(1), tmp_path / "t.onnx")
+    got = O.make_session(tmp_path / "t.onnx", 1).run(None, {"x": _x().numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, trunk(_x()).numpy(), atol=1e-4)
+    assert torch.equal(trunk[1].running_mean, stats)      # batch-norm statistics untouched
