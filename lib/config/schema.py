@@ -25,6 +25,7 @@ from lib.config.spec import (
     Record,
     Str,
     defaults_of,
+    rule_fail,
 )
 
 # --------------------------------------------------------------------------- allowed values
@@ -46,6 +47,7 @@ BLENDS = ("prob", "rank")                                                    # l
 BLEND_METRIC_NAMES = ("auto", "macro_dice_tuned", "macro_dice", "macro_auc", "balanced_accuracy",
                       "macro_f1_argmax", "pauc", "neg_log_loss")         # which fit a task: ensemble.BLEND_METRICS
 DECISIONS = ("auto", "thresholds", "argmax", "raw")                          # lib.evaluation.submission
+RUNTIMES = ("auto", "torch", "onnxruntime")                                  # lib.vision.onnx_trunk
 DEVICE = r"auto|cpu|cuda(:[0-9]+)?"
 DEVICE_WORDS = "auto, cpu, cuda or cuda:N"
 
@@ -85,6 +87,15 @@ ENCODER_SPEC: dict[str, Any] = {
     "finetune_with": {k: Nullable(v) for k, v in FINETUNE_SPEC.items()},  # this encoder's own fine-tune
                                     # settings; null = features.finetune (e.g. a lower tail_lr for a deeper cut)
 }
+
+
+def encoder_rules(item: dict, where: str) -> None:
+    """The keys of one `features.encoders` item that tie together (checked at load)."""
+    if item["finetune"] and not item["cut"]:
+        rule_fail(where, "finetune", item, "finetune needs cut (the module the trunk ends at)")
+    if not item["finetune"] and any(v is not None for v in (item["finetune_with"] or {}).values()):
+        rule_fail(where, "finetune_with", item, "finetune_with is set but finetune is false "
+                  "(set finetune: true, or drop finetune_with)")
 
 
 MEMBER_SPEC: dict[str, Any] = {
@@ -238,11 +249,14 @@ SCHEMA: dict[str, Any] = {
         "workers": Int(0, min=0),         # 0 = all cores
     },
     "features": {
-        "encoders": ListOf(Record(ENCODER_SPEC)),
+        "encoders": ListOf(Record(ENCODER_SPEC, rules=(encoder_rules,))),
         "tta": Views(["id", "hflip"]),    # views averaged; see lib/vision/tta.py
         "keep_views": Bool(False),
         "batch_size": Int(32, min=1),
-        "workers": Int(0, min=-1),        # DataLoader workers for decoding (0 = main process: fastest on 2 cores; -1 = cores - 1)
+        "workers": Int(0, min=-1),        # image decoding: 0 = one prefetch thread beside the forward pass (fastest on
+                                          # 2 cores); N = N DataLoader processes; -1 = cores - 1 processes
+        "runtime": Choice("auto", RUNTIMES),  # frozen forward passes (trunks, embeddings): auto = ONNX Runtime on
+                                          # CPU (when installed), PyTorch on CUDA | torch | onnxruntime
         "finetune": FINETUNE_SPEC,        # cached-trunk fine-tuning of encoders with cut + finetune: true
         "from_exps": ListOf(Str()),       # trained experiments whose fold models give class logits (aligned across folds; own-fold OOF for train rows, fold mean for test)
     },

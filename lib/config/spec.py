@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,9 +293,12 @@ class MapOf(Spec):
 @dataclass(frozen=True)
 class Record(Spec):
     """A mapping with fixed keys, each with its own spec: the items of a list such as `features.encoders`.
-    `shorthand` names the key a bare string fills (`submit.members: [expA]` -> `{exp: expA}`)."""
+    `shorthand` names the key a bare string fills (`submit.members: [expA]` -> `{exp: expA}`).
+    `rules` ties its keys together: `rules(item, where)` raises ConfigError (`rule_fail`) after
+    every key passed its own spec, so a bad item fails at load, before any compute."""
     fields: dict = field(default_factory=dict)
     shorthand: str | None = None
+    rules: tuple[Callable[[dict, str], None], ...] = ()
     shape = "map"
 
     @property
@@ -311,6 +314,15 @@ class Record(Spec):
         filled = {k: _filled_section(s, value.get(k), f"{where}.{k}") if isinstance(s, dict)
                   else value.get(k, s.default) for k, s in self.fields.items()}
         check_section(self.fields, filled, where)
+        for rule in self.rules:
+            rule(filled, where)
+
+
+def rule_fail(where: str, key: str, item: dict, why: str) -> None:
+    """A cross-key rule's one line: `config: features.encoders[1].finetune = true (item 'sk') is not
+    allowed: finetune needs cut ...`."""
+    name = f" (item {item['name']!r})" if isinstance(item.get("name"), str) else ""
+    raise ConfigError(f"config: {where}.{key} = {show(item.get(key))}{name} is not allowed: {why}")
 
 
 def _filled_section(schema: dict, value: Any, where: str) -> dict:

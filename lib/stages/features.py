@@ -1,39 +1,90 @@
-"""Frozen-encoder embeddings per lesion and modality, TTA-averaged, cached by encoder + preprocessing."""
+"""Frozen-encoder embeddings per lesion and modality, TTA-averaged, cached by encoder (its identity:
+weights sha256, hub flag, package versions) + preprocessing; frozen forward passes in PyTorch or ONNX
+Runtime (`features.runtime`, `Frozen`)."""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from lib.core import artifacts as A
 from lib.core.artifacts import prep_dir, save_config
 from lib.core.errors import ConfigError, PipelineError
 from lib.core.io import ID, write_json, write_parquet
-from lib.core.runtime import torch_device
+from lib.core.runtime import cpu_count, torch_device
 from lib.data.dataset import load_dataset
-from lib.training.cached_trunk import FineTune, cross_fit
+from lib.training.cached_trunk import FineTune, cross_fit, finetune_key_parts
 from lib.training.inference import f1_scores, fold_logit_features, prediction_table
 from lib.vision import backbones
-from lib.vision.embed import emb_columns, embed_paths, encoder_spec, spec_key
-from lib.vision.trunk import pooled_from_trunk, split_at, trunk_activations, trunk_key
+from lib.vision.embed import (
+    emb_columns,
+    embed_paths,
+    encoder_identity,
+    encoder_spec,
+    first_images,
+    spec_key,
+    weights_sha_cache,
+)
+from lib.vision.onnx_trunk import ONNX_DIR, onnx_forward, resolve_runtime
+from lib.vision.trunk import check_split, pooled_from_trunk, split_at, trunk_activations, trunk_cached, trunk_key
 from lib.vision.tta import parse_views
 
 log = logging.getLogger(__name__)
 
 
-def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
-    """Embeddings of one encoder for each split, from the shared cache or computed (and cached)."""
+class Frozen:
+    """How this stage runs an encoder's frozen forward passes: the runtime asked for (`torch` or
+    `onnxruntime`, from `features.runtime` and the device), the compute threads (set once), the
+    decoding workers and the device."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.device = torch_device(cfg)
+        self.workers = _workers(cfg)
+        self.threads = int(cfg["threads"]) or max(1, cpu_count() - self.workers)
+        self.runtime = resolve_runtime(cfg["features"]["runtime"], self.device)
+        self.onnx_dir = prep_dir(cfg) / ONNX_DIR
+        self.sha_cache = weights_sha_cache(prep_dir(cfg))
+
+    def forward(self, module: nn.Module, name: str, key_spec: dict, sample: torch.Tensor) -> tuple[Callable, str]:
+        """(`module` or its ONNX Runtime twin, the runtime used): ONNX Runtime when asked for and the
+        export reproduces PyTorch on `sample`, else the module itself (onnx_forward said why)."""
+        if self.runtime != "onnxruntime":
+            return module, "torch"
+        twin = onnx_forward(module, name, key_spec, self.onnx_dir, sample, self.threads)
+        return (twin, "onnxruntime") if twin is not None else (module, "torch")
+
+
+def _spec(cfg: dict, enc: dict, info: dict, frozen: Frozen, keep: bool) -> tuple[dict, list[str]]:
     views = parse_views(enc.get("tta") or cfg["features"]["tta"])
-    spec = encoder_spec(enc, views, info["cache_tag"], bool(cfg["features"]["keep_views"]))
+    ident = encoder_identity(enc["arch"], enc["weights"], enc["hub"], frozen.sha_cache)
+    return encoder_spec(enc, views, info["cache_tag"], keep, identity=ident), views
+
+
+def _onnx_key_spec(spec: dict, cut: str | None) -> dict:
+    """What an exported file depends on: the encoder spec without the views / pooling, and the cut."""
+    return {**{k: v for k, v in spec.items() if k not in ("views", "keep_views")}, "cut": cut}
+
+
+def _build(enc: dict, device: str) -> nn.Module:
+    model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(device)
+    return model.to(memory_format=torch.channels_last)
+
+
+def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], frozen: Frozen
+                    ) -> dict[str, Path]:
+    """Embeddings of one encoder for each split, from the shared cache or computed (and cached)."""
+    keep = bool(cfg["features"]["keep_views"])
+    spec, views = _spec(cfg, enc, info, frozen, keep)
     folder = prep_dir(cfg) / A.FEATURES / f"{enc['name']}-{spec_key(spec)}"
-    device = torch_device(cfg)
-    model = None
+    model, runtime = None, "torch"
     paths: dict[str, Path] = {}
     for split, df in tables.items():
         path = folder / f"{split}.parquet"
@@ -45,28 +96,23 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
                 continue
             log.info("%s/%s: cached embeddings are for other lesions; recomputing", enc["name"], split)
         if model is None:
-            model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(device)
-            model = model.to(memory_format=torch.channels_last)
-        cols: dict[str, np.ndarray] = {}
+            files = [str(prep_dir(cfg) / p) for p in df[f"path_{info['modalities'][0]}"]]
+            model, runtime = frozen.forward(_build(enc, frozen.device), enc["name"], _onnx_key_spec(spec, None),
+                                            first_images(files, spec))
+        per_mod: dict[str, np.ndarray] = {}
         t0 = time.time()
         for m in info["modalities"]:
             files = [str(prep_dir(cfg) / p) for p in df[f"path_{m}"]]
-            keep = bool(cfg["features"]["keep_views"])
-            e = embed_paths(model, files, spec, device, cfg["features"]["batch_size"],
-                            _workers(cfg), f"{enc['name']} {split} {m}", keep_views=keep)
-            per_view = [(f"{m}_{v}", e[:, i]) for i, v in enumerate(views)] if keep else [(m, e)]
-            for tag, arr in per_view:
-                for j, c in enumerate(emb_columns(enc["name"], tag, arr.shape[1])):
-                    cols[c] = arr[:, j]
-        n_img = len(df) * len(info["modalities"])
-        dt = time.time() - t0
-        out = pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1)
-        write_parquet(out, path)
+            per_mod[m] = embed_paths(model, files, spec, frozen.device, cfg["features"]["batch_size"],
+                                     frozen.workers, f"{enc['name']} {split} {m}", keep_views=keep)
+        cols = _embedding_columns(enc["name"], info, per_mod, views, keep)
+        n_img, dt = len(df) * len(info["modalities"]), time.time() - t0
+        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
         write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
-                    "images_per_s": round(n_img * len(views) / dt, 2), "device": device,
-                    "threads": torch.get_num_threads()}, folder / f"{split}.json")
-        log.info("%s/%s: %d images x %d views in %.0fs (%.1f img/s)", enc["name"], split, n_img,
-                 len(views), dt, n_img * len(views) / dt)
+                    "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
+                    "runtime": runtime, "threads": frozen.threads}, folder / f"{split}.json")
+        log.info("%s/%s: %d images x %d views in %.0fs (%.1f img/s, %s)", enc["name"], split, n_img,
+                 len(views), dt, n_img * len(views) / dt, runtime)
     return paths
 
 
@@ -81,63 +127,78 @@ def _embedding_columns(name: str, info: dict, per_mod: dict[str, np.ndarray], vi
     return cols
 
 
-def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame]
+def _trunk_forward(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], spec: dict,
+                   tfolder: Path, model: nn.Module, frozen: Frozen) -> tuple[Callable, str]:
+    """The trunk's forward for the splits whose activations are not cached yet: the split is checked
+    on the first images (`check_split`: trunk + tail + pool must reproduce the encoder), then the
+    trunk runs in PyTorch or ONNX Runtime (`Frozen.forward`). (None, '') when all are cached."""
+    todo = [(split, m) for split, df in tables.items() for m in info["modalities"]
+            if not trunk_cached([str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], tfolder / f"{split}_{m}.npy")]
+    if not todo:
+        return None, ""
+    split, m = todo[0]
+    sample = first_images([str(prep_dir(cfg) / p) for p in tables[split][f"path_{m}"]], spec)
+    d = check_split(model, enc["cut"], sample.to(frozen.device))
+    log.info("%s: trunk + tail at %r reproduce the encoder on %d images (max diff %.1e)", enc["name"],
+             enc["cut"], len(sample), d)
+    return frozen.forward(split_at(model, enc["cut"])[0], f"{enc['name']}_trunk", _onnx_key_spec(spec, enc["cut"]),
+                          sample)
+
+
+def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], frozen: Frozen
                       ) -> tuple[dict[str, Path], dict[str, list[np.ndarray]], tuple]:
     """An encoder with `cut`: its trunk activations per split and modality (cached under
     `prep/trunks/<name>-<key>/`), and its embeddings computed from them by the tail + pooling (cached
     like any encoder's, under a key that includes the cut). Returns (embedding paths, activations,
     (tail, pool, n_features))."""
-    views = parse_views(enc.get("tta") or cfg["features"]["tta"])
     keep = bool(cfg["features"]["keep_views"])
-    spec = encoder_spec(enc, views, info["cache_tag"], keep)
+    spec, views = _spec(cfg, enc, info, frozen, keep)
     folder = prep_dir(cfg) / A.FEATURES / f"{enc['name']}-{spec_key({**spec, 'trunk_cut': enc['cut']})}"
     tfolder = prep_dir(cfg) / "trunks" / f"{enc['name']}-{trunk_key(spec, enc['cut'])}"
-    device = torch_device(cfg)
-    model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(device)
-    model = model.to(memory_format=torch.channels_last)
-    trunk, tail, pool = split_at(model, enc["cut"])
+    model = _build(enc, frozen.device)
+    _, tail, pool = split_at(model, enc["cut"])
+    trunk, runtime = _trunk_forward(cfg, enc, info, tables, spec, tfolder, model, frozen)
     acts: dict[str, list[np.ndarray]] = {}
     paths: dict[str, Path] = {}
     for split, df in tables.items():
         t0 = time.time()
-        acts[split] = [trunk_activations(trunk, [str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], spec, device,
-                                         cfg["features"]["batch_size"], _workers(cfg),
+        acts[split] = [trunk_activations(trunk, [str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], spec,
+                                         frozen.device, cfg["features"]["batch_size"], frozen.workers,
                                          f"{enc['name']} trunk {split} {m}", tfolder / f"{split}_{m}.npy")
                        for m in info["modalities"]]
         paths[split] = path = folder / f"{split}.parquet"
         if path.exists() and list(pd.read_parquet(path, columns=[ID])[ID]) == list(df[ID]):
             log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
             continue
-        per_mod = {m: pooled_from_trunk(tail, pool, a, device, keep_views=keep)
+        per_mod = {m: pooled_from_trunk(tail, pool, a, frozen.device, keep_views=keep)
                    for m, a in zip(info["modalities"], acts[split])}
         cols = _embedding_columns(enc["name"], info, per_mod, views, keep)
         write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
         n_img, dt = len(df) * len(info["modalities"]), time.time() - t0
         write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
-                    "images_per_s": round(n_img * len(views) / dt, 2), "device": device, "trunk_cut": enc["cut"],
-                    "trunk_cache": str(tfolder), "threads": torch.get_num_threads()}, folder / f"{split}.json")
+                    "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
+                    "trunk_cut": enc["cut"], "trunk_cache": str(tfolder), "runtime": runtime or "cached",
+                    "threads": frozen.threads}, folder / f"{split}.json")
         log.info("%s/%s: %d images x %d views via the trunk cache in %.0fs", enc["name"], split, n_img,
                  len(views), dt)
     return paths, acts, (tail, pool, int(model.num_features))
 
 
 def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], train: pd.DataFrame,
-                     out: Path, acts: dict[str, list[np.ndarray]], tail_pool: tuple) -> None:
+                     out: Path, acts: dict[str, list[np.ndarray]], tail_pool: tuple, frozen: Frozen) -> None:
     """Feature block `ft_<name>`: class logits of the encoder's tail + head fine-tuned per fold on the
     trunk cache (fold k's model never trains on fold k's lesions; test = mean of the fold models).
     Cached under `prep/features/ft_<name>-<key>/` (key: trunk cache key, fine-tune settings, seed,
-    folds.csv), so a rerun reuses it."""
+    folds.csv, FINETUNE_FORMAT_VERSION), so a rerun reuses it."""
     if info.get("task", "multiclass") != "multiclass":
         raise ConfigError(f"features.encoders[{enc['name']}].finetune: cached-trunk fine-tuning is multiclass only")
     classes, name = list(info["classes"]), f"ft_{enc['name']}"
     ft = FineTune(**finetune_settings(cfg, enc), seed=int(cfg["seed"]))
-    views = parse_views(enc.get("tta") or cfg["features"]["tta"])
-    spec = encoder_spec(enc, views, info["cache_tag"])
-    key = spec_key({"trunk": trunk_key(spec, enc["cut"]), "finetune": vars(ft), "folds": A.folds_sha1(cfg),
-                    "classes": classes, "test": "test" in tables})
+    spec, _ = _spec(cfg, enc, info, frozen, False)
+    key = spec_key(finetune_key_parts(trunk_key(spec, enc["cut"]), ft, A.folds_sha1(cfg), classes, "test" in tables))
     folder = prep_dir(cfg) / A.FEATURES / f"{name}-{key}"
     if not (folder / "train.parquet").exists():
-        _finetune(enc, name, classes, ft, train, tables, acts, tail_pool, folder, torch_device(cfg))
+        _finetune(enc, name, classes, ft, train, tables, acts, tail_pool, folder, frozen.device)
     else:
         log.info("%s: cached fine-tuned logits reused (%s)", name, folder)
     for split in tables:
@@ -178,7 +239,7 @@ def _finetune(enc: dict, name: str, classes: list[str], ft: FineTune, train: pd.
 
 def _workers(cfg: dict) -> int:
     w = int(cfg["features"]["workers"])
-    return w if w >= 0 else max(1, (os.cpu_count() or 2) - 1)
+    return w if w >= 0 else max(1, cpu_count() - 1)
 
 
 def run(cfg: dict) -> None:
@@ -189,8 +250,8 @@ def run(cfg: dict) -> None:
             log.info("features: no encoders and no stack.features: nothing to extract")
             return
         raise PipelineError("features.encoders is empty: nothing to extract")
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
+    frozen = Frozen(cfg)
+    torch.set_num_threads(frozen.threads)   # once, for PyTorch; ONNX Runtime sessions get the same count
     info, train, test = load_dataset(cfg)
     tables = {"train": train[[ID] + [f"path_{m}" for m in info["modalities"]]]}
     if test is not None:
@@ -199,16 +260,11 @@ def run(cfg: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     parts: dict[str, float] = {}  # wall seconds of this run per encoder / fine-tune (the report's sub-rows)
     for enc in cfg["features"]["encoders"]:
-        if enc["finetune"] and not enc["cut"]:
-            raise ConfigError(f"features.encoders[{enc['name']}]: finetune needs cut (the module the trunk ends at)")
-        if not enc["finetune"] and _own_finetune(enc):
-            raise ConfigError(f"features.encoders[{enc['name']}]: finetune_with is set but finetune is false "
-                              "(set finetune: true, or drop finetune_with)")
         t_enc = time.time()
         if enc["cut"]:
-            paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables)
+            paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables, frozen)
         else:
-            paths = extract_encoder(cfg, enc, info, tables)
+            paths = extract_encoder(cfg, enc, info, tables, frozen)
         for split, src in paths.items():
             _link(src, out / A.features_file(enc["name"], split))
             shutil.copyfile(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
@@ -216,7 +272,7 @@ def run(cfg: dict) -> None:
         if enc["finetune"]:
             t_ft = time.time()
             finetune_encoder(cfg, enc, info, tables, train[[ID, "fold", *[f"y_{c}" for c in info["classes"]]]],
-                             out, acts, tail_pool)
+                             out, acts, tail_pool, frozen)
             parts[f"ft_{enc['name']} fine-tune"] = round(time.time() - t_ft, 1)
     if cfg["features"]["from_exps"]:
         for e in cfg["features"]["from_exps"]:

@@ -24,6 +24,14 @@ from lib.training.losses import class_weights, cross_entropy
 
 log = logging.getLogger(__name__)
 
+FINETUNE_FORMAT_VERSION = 1   # in the fine-tune cache key; bump when its logits change meaning
+
+
+def finetune_key_parts(trunk_key: str, ft: "FineTune", folds_sha1: str, classes: list[str], has_test: bool) -> dict:
+    """Everything the fine-tuned logits depend on (their cache key is a hash of this)."""
+    return {"trunk": trunk_key, "finetune": vars(ft), "folds": folds_sha1, "classes": list(classes),
+            "test": bool(has_test), "format": FINETUNE_FORMAT_VERSION}
+
 
 @dataclass
 class FineTune:

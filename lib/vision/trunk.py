@@ -7,10 +7,15 @@ on the path to `cut` (`blocks.6`, `conv4.pointwise`), so it applies to encoders 
 `forward_features` runs their children in sequence (timm's Xception, EfficientNet / lite and most
 CNNs). `check_split` proves it on a batch: `pool(tail(trunk(x)))` must equal `model(x)`.
 
+`lib.stages.features` runs `check_split` on the first images of every run before the trunk pass.
+
 The cache (`trunk_activations`) is keyed by everything that decides its values (`trunk_key`):
-encoder arch and weights, the preprocessing spec (size, resize mode, interpolation, mean/std, the
-image cache tag), the views and the cut; it holds float16 `[N, V, C, H, W]` per split and modality,
-written through a memory map into a temp file and moved into place when complete.
+encoder arch, weights and their identity (sha256, hub flag, package versions), the preprocessing
+spec (size, resize mode, interpolation, mean/std, the image cache tag), the views, the cut and
+`TRUNK_FORMAT_VERSION` (not `keep_views`: it changes how embeddings are pooled, not the
+activations); it holds float16 `[N, V, C, H, W]` per split and modality, written through a memory
+map into a temp file and moved into place when complete. The trunk may be the PyTorch module or its
+ONNX Runtime twin (`lib.vision.onnx_trunk`): both take and give tensors.
 """
 from __future__ import annotations
 
@@ -19,21 +24,21 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lib.core.errors import PipelineError
 from lib.core.io import write_json
 from lib.core.progress import progress
-from lib.vision.embed import spec_key
-from lib.vision.transforms import EvalImages
+from lib.vision.embed import image_batches, spec_key
 from lib.vision.tta import apply_view
 
 HEAD_MODULES = ("global_pool", "fc", "classifier", "head", "head_drop")
+TRUNK_FORMAT_VERSION = 2   # bump when the cached activations change meaning (2: identity in the key)
 
 
 def _stages(module: nn.Module, prefix: str, cut: str) -> list[tuple[str, nn.Module]]:
@@ -77,28 +82,34 @@ def check_split(model: nn.Module, cut: str, x: torch.Tensor, atol: float = 1e-4)
 
 
 def trunk_key(enc_spec: dict, cut: str) -> str:
-    """Cache key of trunk activations: the encoder's embedding spec (arch, weights, preprocessing,
-    views, image cache) plus the cut."""
-    return spec_key({**enc_spec, "trunk_cut": cut})
+    """Cache key of trunk activations: the encoder's embedding spec (arch, weights and identity,
+    preprocessing, views, image cache) without `keep_views`, plus the cut and the format version."""
+    spec = {k: v for k, v in enc_spec.items() if k != "keep_views"}
+    return spec_key({**spec, "trunk_cut": cut, "trunk_format": TRUNK_FORMAT_VERSION})
+
+
+def trunk_cached(paths: list[str], out: Path) -> bool:
+    """Whether `out` holds the activations of exactly these images (in this order)."""
+    meta = out.with_suffix(".json")
+    return out.exists() and meta.exists() and json.loads(meta.read_text()).get("paths") == list(paths)
 
 
 @torch.no_grad()
-def trunk_activations(trunk: nn.Module, paths: list[str], spec: dict, device: str, batch_size: int,
-                      workers: int, desc: str, out: Path) -> np.ndarray:
+def trunk_activations(trunk: Callable[[torch.Tensor], torch.Tensor], paths: list[str], spec: dict, device: str,
+                      batch_size: int, workers: int, desc: str, out: Path) -> np.ndarray:
     """`[N, V, C, H, W]` float16 activations at the cut for each image and view of `spec["views"]`,
     cached at `out` (.npy + .json sidecar with the paths); returns a read-only memory map."""
-    meta = out.with_suffix(".json")
-    if out.exists() and meta.exists() and json.loads(meta.read_text()).get("paths") == list(paths):
+    if trunk_cached(paths, out):
         return np.load(out, mmap_mode="r")
+    meta = out.with_suffix(".json")
     views = spec["views"]
-    dl = DataLoader(EvalImages(paths, spec), batch_size=batch_size, shuffle=False, num_workers=workers)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npy", dir=out.parent)
     os.close(fd)
     try:
         arr, i, t0 = None, 0, time.time()
         bar = progress(len(paths), desc, unit="img")
-        for x in dl:
+        for x in image_batches(paths, spec, batch_size, workers):
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             a = torch.stack([trunk(apply_view(x, v)) for v in views], 1).to(torch.float16).cpu().numpy()
             if arr is None:

@@ -271,3 +271,35 @@ def test_section_given_a_value_is_an_error(tmp_path):
         load.load_config(write(tmp_path / "x.yaml", "cache: 5\n"))
     cfg = load.load_config(write(tmp_path / "y.yaml", "cache:\n  # size: 128\nseed: 3\n"))   # empty section
     assert cfg["cache"] == schema.defaults()["cache"] and cfg["seed"] == 3
+
+
+def test_encoder_cross_key_rules_fail_at_load_naming_the_bad_item(tmp_path):
+    good = {"name": "a", "arch": "x", "cut": "c", "finetune": True}
+    p = write(tmp_path / "x.yaml", {"features": {"encoders": [good, {"name": "b", "arch": "y", "finetune": True}]}})
+    with pytest.raises(ConfigError, match=r"^config: features\.encoders\[1\]\.finetune = true \(item 'b'\) is not "
+                                          r"allowed: finetune needs cut") as e:
+        load.load_config(p)
+    assert "\n" not in str(e.value)
+    p = write(tmp_path / "y.yaml", {"features": {"encoders": [good, {"name": "b", "arch": "y",
+                                                                     "finetune_with": {"epochs": 2}}]}})
+    with pytest.raises(ConfigError, match=r"features\.encoders\[1\]\.finetune_with = .*finetune_with is set but "
+                                          r"finetune is false"):
+        load.load_config(p)
+    cfg = load.load_config(None)          # validate() on a hand-built config checks the same rules
+    cfg["features"]["encoders"] = [{**schema.ENCODER_ITEM, **good}, {**schema.ENCODER_ITEM, "name": "b",
+                                                                      "arch": "y", "finetune": True}]
+    with pytest.raises(ConfigError, match=r"encoders\[1\]\.finetune = true"):
+        load.validate(cfg)
+
+
+def test_features_runtime_is_a_choice_and_loads_without_onnxruntime():
+    import subprocess
+    import sys
+    assert load.load_config(None)["features"]["runtime"] == "auto"
+    with pytest.raises(ConfigError, match=r"^config: features\.runtime = 'onnx' is not allowed: expected one of "
+                                          r"auto, torch, onnxruntime$"):
+        load.load_config(None, ["features.runtime=onnx"])
+    code = ("import sys\nfrom lib.config.load import load_config\n"
+            "load_config(None, ['features.runtime=onnxruntime'])\nprint('onnxruntime' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -185,12 +185,76 @@ def test_encoder_finetune_with_overrides_the_shared_settings(prepared: Path) -> 
     features.run(shared)
     caches = list((prepared / "prep").rglob("features/ft_tiny-*"))   # one per distinct settings, whatever ran before
     assert len(caches) == 2 and {read_json(c / "train.json")["finetune"]["epochs"] for c in caches} == {1, 2}
-    off = _cfg(prepared, "ft4", cut="conv_head", finetune=False, finetune_with=own)
-    with pytest.raises(ConfigError, match="finetune_with is set but finetune is false"):
-        features.run(off)
+    with pytest.raises(ConfigError, match=r"encoders\[0\]\.finetune_with .*finetune_with is set but finetune is false"):
+        load_config(None, ["features.encoders=[{name: tiny, arch: test_efficientnet, cut: conv_head, "
+                           "finetune_with: {epochs: 1}}]"])
 
 
-def test_finetune_without_cut_is_a_config_error(prepared: Path) -> None:
-    from lib.core.errors import ConfigError
-    with pytest.raises(ConfigError, match="finetune needs cut"):
-        features.run(_cfg(prepared, "ft2", finetune=True))
+def test_finetune_without_cut_is_a_config_error_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"encoders\[0\]\.finetune = true \(item 'tiny'\).*finetune needs cut"):
+        load_config(None, ["features.encoders=[{name: tiny, arch: test_efficientnet, finetune: true}]"])
+
+
+def _fresh(prepared: Path) -> None:
+    """Drop the shared embedding / trunk caches of the tiny encoder (and its ONNX files)."""
+    import shutil
+    for d in [*(prepared / "prep").rglob("features/tiny-*"), *(prepared / "prep").rglob("trunks/tiny-*"),
+              *(prepared / "prep").rglob("onnx")]:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("cut", [None, "conv_head"])
+def test_onnxruntime_and_torch_embeddings_agree(prepared: Path, cut: str | None) -> None:
+    import numpy as np
+    import torch
+    got = {}
+    for rt in ("torch", "auto"):   # auto on a CPU = ONNX Runtime
+        _fresh(prepared)
+        cfg = _cfg(prepared, f"rt_{rt}", cut=cut)
+        cfg["features"]["runtime"] = rt
+        torch.manual_seed(0)       # weights null: the same random encoder in both runs
+        features.run(cfg)
+        meta = read_json(prepared / f"rt_{rt}/features/tiny_train.json")
+        assert meta["runtime"] == ("torch" if rt == "torch" else "onnxruntime")
+        got[rt] = pd.read_parquet(prepared / f"rt_{rt}/features/tiny_train.parquet")
+    assert list(got["torch"]["lesion_id"]) == list(got["auto"]["lesion_id"])
+    a, b = got["torch"].iloc[:, 1:].to_numpy(), got["auto"].iloc[:, 1:].to_numpy()
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    tol = 1e-4 if cut is None else 2e-2 * np.abs(a).max()   # the trunk cache is float16
+    assert np.abs(a - b).max() <= tol and cos.min() > 0.9999
+    assert len(list((prepared / "prep").rglob("onnx/*.onnx"))) == 1
+
+
+def test_onnxruntime_asked_for_but_not_installed_stops_in_one_line(prepared: Path, monkeypatch) -> None:
+    import sys
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # `import onnxruntime` raises ImportError
+    cfg = _cfg(prepared, "no_ort")
+    cfg["features"]["runtime"] = "onnxruntime"
+    with pytest.raises(ConfigError, match="features.runtime = onnxruntime needs the onnxruntime package") as e:
+        features.run(cfg)
+    assert "\n" not in str(e.value) and not (prepared / "no_ort").exists()
+    _fresh(prepared)
+    cfg["features"]["runtime"] = "auto"     # auto without the package: PyTorch
+    features.run(cfg)
+    assert read_json(prepared / "no_ort/features/tiny_train.json")["runtime"] == "torch"
+
+
+def test_the_trunk_split_is_checked_at_run_time(prepared: Path, monkeypatch) -> None:
+    from lib.vision import trunk as T
+    real = T.split_at
+
+    def skipping(model, cut):      # a split whose tail drops a module: no longer the encoder
+        trunk, tail, pool = real(model, cut)
+        return trunk, torch.nn.Sequential(*list(tail)[1:]), pool
+    import torch
+    _fresh(prepared)
+    monkeypatch.setattr(T, "split_at", skipping)
+    with pytest.raises(PipelineError, match="does not reproduce the encoder"):
+        features.run(_cfg(prepared, "badsplit", cut="conv_head"))
+    assert not list((prepared / "prep").rglob("trunks/tiny-*/*.npy"))
+
+
+def test_workers_minus_one_counts_the_cores_this_process_may_use(monkeypatch) -> None:
+    monkeypatch.setattr(features, "cpu_count", lambda: 5)
+    assert features._workers({"features": {"workers": -1}}) == 4
+    assert features._workers({"features": {"workers": 0}}) == 0

@@ -84,3 +84,15 @@ def test_learns_a_planted_signal_and_is_deterministic() -> None:
     assert _acc(oof, y) > 0.9 and te.shape == (10, 3) and len(info["fold_seconds"]) == 4
     oof2, te2, _ = cross_fit(torch.nn.BatchNorm2d(8), POOL, 8, acts, y, np.arange(n) % 4, test, ft, "cpu")
     assert np.array_equal(oof, oof2) and np.array_equal(te, te2)
+
+
+def test_finetune_key_holds_trunk_settings_folds_and_format(monkeypatch) -> None:
+    base = CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], True)
+    assert base == CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], True)
+    for other in (CT.finetune_key_parts("other", FT, "folds1", ["A", "B"], True),
+                  CT.finetune_key_parts("trunkkey", FineTune(epochs=3), "folds1", ["A", "B"], True),
+                  CT.finetune_key_parts("trunkkey", FT, "folds2", ["A", "B"], True),
+                  CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], False)):
+        assert other != base
+    monkeypatch.setattr(CT, "FINETUNE_FORMAT_VERSION", CT.FINETUNE_FORMAT_VERSION + 1)
+    assert CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], True) != base

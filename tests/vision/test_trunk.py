@@ -72,6 +72,17 @@ def test_trunk_key_covers_encoder_preprocessing_and_views(change: dict) -> None:
     assert trunk_key(SPEC, "bn2") != trunk_key(SPEC, "conv_head")
 
 
+def test_trunk_key_covers_identity_and_format_but_not_keep_views(monkeypatch) -> None:
+    from lib.vision import trunk as T
+    k = trunk_key(SPEC, "conv_head")
+    assert trunk_key({**SPEC, "keep_views": True}, "conv_head") == k   # pooling only: same activations
+    assert trunk_key({**SPEC, "identity": {"hub": False, "weights_sha256": "a"}}, "conv_head") != k
+    assert trunk_key({**SPEC, "identity": {"hub": False, "weights_sha256": "a"}}, "conv_head") != trunk_key(
+        {**SPEC, "identity": {"hub": False, "weights_sha256": "b"}}, "conv_head")
+    monkeypatch.setattr(T, "TRUNK_FORMAT_VERSION", T.TRUNK_FORMAT_VERSION + 1)
+    assert trunk_key(SPEC, "conv_head") != k
+
+
 def _images(tmp_path, n: int = 5) -> list[str]:
     rng = np.random.default_rng(0)
     paths = []
