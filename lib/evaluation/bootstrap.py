@@ -65,3 +65,14 @@ def bootstrap_macro_dice(y: np.ndarray, probs: np.ndarray, against: np.ndarray |
                    diff_ci_low=float(np.quantile(d, 0.025)), diff_ci_high=float(np.quantile(d, 0.975)),
                    p_not_better=float((d <= 0).mean()))
     return out
+
+
+def nested_uncertainty(y: np.ndarray, decisions: dict[str, np.ndarray], n_boot: int = 1000,
+                       seed: int = 0) -> dict:
+    """Standard error / 95% interval of nested estimates: `decisions` {name: 0/1 decisions of the
+    OOF rows}, each scored over the same class-stratified bootstrap draws of the OOF lesions."""
+    out: dict = {"n_boot": n_boot, "draws": "class-stratified"}
+    for name, dec in decisions.items():
+        b = bootstrap_macro_dice(y, dec, n_boot=n_boot, seed=seed)
+        out[name] = {k: round(b[k], 4) for k in ("macro_dice", "se", "ci_low", "ci_high")}
+    return out

@@ -1,15 +1,7 @@
-"""Decision thresholds, threshold-baking remaps, blending and blend-weight search.
+"""Blending member predictions, blend-weight search, and the nested CV of stage 05's whole decision.
 
-The official MILK10k scorer cuts every submitted probability at ``> 0.5`` and averages per-class
-Dice, so decisions tuned on OOF must be baked into the submitted numbers:
-
-* ``tune_thresholds`` + ``remap_to_threshold``: per-class thresholds t_c, then a monotone map
-  sending t_c to 0.5 (AUC unchanged, ``p > t_c`` iff ``p' > 0.5``);
-* ``argmax_remap``: single-label mode, only the argmax class ends up above 0.5.
-
-Macro Dice is a mean of per-class terms, each depending only on its own class's threshold, so
-maximizing each class independently maximizes the macro score exactly (tested against a joint
-grid search).
+The decision rule itself (thresholds, remaps, logit adjustment, argmax vs thresholds) lives in
+``lib.evaluation.decision``; this module blends and calls it.
 """
 from __future__ import annotations
 
@@ -26,137 +18,10 @@ from sklearn.metrics import log_loss
 from lib.config.schema import BLENDS
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_same_ids
+from lib.evaluation import decision as D
 from lib.evaluation import metrics as M
 
 log = logging.getLogger(__name__)
-
-_HALF_UP = np.nextafter(0.5, 1.0)  # smallest float64 > 0.5
-
-
-def threshold_grid(lo: float = 0.02, hi: float = 0.98, step: float = 0.01) -> np.ndarray:
-    """Candidate thresholds ``lo, lo+step, ..., hi`` (rounded to avoid float drift)."""
-    return np.round(np.arange(lo, hi + step / 2, step), 10)
-
-
-def dice_curve(y_c: np.ndarray, p_c: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Dice of ``p_c > t`` for every t in ``grid`` (one class; scorer's 1.0 rule when empty)."""
-    pos = np.sort(p_c[np.asarray(y_c) > 0.5])
-    allp = np.sort(p_c)
-    n_pred = len(allp) - np.searchsorted(allp, grid, side="right")
-    tp = len(pos) - np.searchsorted(pos, grid, side="right")
-    den = n_pred + len(pos)  # = 2TP + FP + FN
-    return np.where(den == 0, 1.0, 2.0 * tp / np.maximum(den, 1))
-
-
-def tune_thresholds(y_onehot: np.ndarray, probs: np.ndarray, grid: np.ndarray | None = None,
-                    min_positives: int = 10, shrink: float = 0.0) -> np.ndarray:
-    """Per-class thresholds maximizing per-class Dice (decision ``p > t``) on pooled OOF.
-
-    Guards: a class with fewer than ``min_positives`` positives keeps 0.5; when several grid
-    points tie for the best Dice the median one is taken (a plateau's middle, not its edge);
-    ``shrink`` > 0 pulls the choice toward 0.5 as ``0.5 + (t - 0.5) * n_pos / (n_pos + shrink)``.
-    """
-    Y, P = M._f2(y_onehot), M._f2(probs)
-    grid = threshold_grid() if grid is None else np.asarray(grid, dtype=np.float64)
-    out = np.full(P.shape[1], 0.5)
-    for c in range(P.shape[1]):
-        n_pos = int((Y[:, c] > 0.5).sum())
-        if n_pos < max(min_positives, 1):
-            continue
-        curve = dice_curve(Y[:, c], P[:, c], grid)
-        best = grid[curve >= curve.max() - 1e-12]
-        t = best[(len(best) - 1) // 2]
-        out[c] = 0.5 + (t - 0.5) * n_pos / (n_pos + shrink)
-    return out
-
-
-def remap_to_threshold(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Per-class piecewise-linear map: [0, t] -> [0, 0.5], (t, 1] -> (0.5, 1].
-
-    Guarantees ``(p > t) == (p' > 0.5)`` bit-exactly (values just above t are lifted to the
-    smallest float above 0.5) and is non-decreasing, strictly increasing up to float64
-    resolution, so per-class rankings (AUC) are unchanged; inputs within ~1e-16 of each other may
-    merge, unavoidably, as [t, 1] can hold more floats than [0.5, 1]. Write the result at full precision
-    (no CSV ``float_format``), or 0.5000000000000001 may round to 0.5.
-    """
-    P = np.clip(M._f2(probs), 0.0, 1.0)
-    t = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), P.shape[1:])
-    if not ((t > 0) & (t < 1)).all():
-        raise PipelineError(f"remap_to_threshold: thresholds must lie in (0, 1), got {t.tolist()}")
-    low = 0.5 * (P / t)  # P <= t -> P/t <= 1 exactly (correctly rounded division)
-    high = np.maximum(0.5 + 0.5 * ((P - t) / (1 - t)), _HALF_UP)
-    return np.clip(np.where(P > t, high, low), 0.0, 1.0)
-
-
-def argmax_decisions(probs: np.ndarray) -> np.ndarray:
-    """One-hot decisions at the row argmax (first index on ties)."""
-    P = M._f2(probs)
-    return M.to_onehot(P.argmax(axis=1), P.shape[1])
-
-
-def argmax_remap(probs: np.ndarray) -> np.ndarray:
-    """Single-label submission values: argmax class -> (0.5, 1], every other class -> [0, 0.5].
-
-    ``p' = 0.5 * p`` for non-argmax classes and ``0.5 + 0.5 * p`` (at least just above 0.5) for
-    the argmax, so the scorer's ``> 0.5`` cut gives exactly the argmax decision and the order
-    within each of the two groups of a class column is kept.
-    """
-    P = np.clip(M._f2(probs), 0.0, 1.0)
-    hot = argmax_decisions(P) > 0
-    return np.where(hot, np.maximum(0.5 + 0.5 * P, _HALF_UP), 0.5 * P)
-
-
-def logit_adjust(probs: np.ndarray, priors: np.ndarray, tau: float = 1.0) -> np.ndarray:
-    """Multiclass logit adjustment: ``p_c / prior_c**tau`` renormalized per row.
-
-    Equal to subtracting ``tau * log(prior_c)`` from the logits before the softmax.
-    """
-    pri = np.asarray(priors, dtype=np.float64)
-    if (pri <= 0).any():
-        raise PipelineError(f"logit_adjust: priors must be > 0, got {pri.tolist()}")
-    q = M._f2(probs) * pri ** (-tau)
-    return q / q.sum(axis=1, keepdims=True)
-
-
-def foldwise_threshold_spread(y_onehot: np.ndarray, probs: np.ndarray, folds: np.ndarray,
-                              classes: Sequence[str] | None = None, grid: np.ndarray | None = None,
-                              **tune_kw: float) -> dict:
-    """How stable tuned thresholds are across folds, and an honest CV estimate of their gain.
-
-    Per fold: macro Dice at 0.5, at thresholds tuned on that fold (optimistic) and at thresholds
-    tuned on the other folds (honest). Returns ``per_fold`` (DataFrame), ``thresholds_infold`` /
-    ``thresholds_cv`` (fold x class DataFrames), ``threshold_std`` (per class, in-fold), the
-    pooled values ``pooled_thresholds``, ``pooled_dice_05``, ``pooled_dice_tuned`` (tuned and
-    scored on all OOF: optimistic) and ``cv_dice_pooled`` (all OOF rows decided by thresholds from
-    the other folds), plus means/stds of the per-fold columns.
-    """
-    Y, P, folds = M._f2(y_onehot), M._f2(probs), np.asarray(folds)
-    classes = list(classes) if classes is not None else [str(c) for c in range(P.shape[1])]
-    decided = np.zeros_like(P, dtype=bool)
-    rows, t_in, t_cv = [], {}, {}
-    for f in np.unique(folds):
-        m = folds == f
-        t_in[f] = tune_thresholds(Y[m], P[m], grid, **tune_kw)
-        t_cv[f] = tune_thresholds(Y[~m], P[~m], grid, **tune_kw)
-        decided[m] = P[m] > t_cv[f]
-        rows.append({"fold": f, "n": int(m.sum()), "dice_05": M.macro_dice(Y[m], P[m]),
-                     "dice_infold": M.macro_dice(Y[m], P[m], t_in[f]),
-                     "dice_cv": M.macro_dice(Y[m], P[m], t_cv[f])})
-    per_fold = pd.DataFrame(rows)
-    t_all = tune_thresholds(Y, P, grid, **tune_kw)
-    out = {"per_fold": per_fold,
-           "thresholds_infold": pd.DataFrame(t_in, index=classes).T.rename_axis("fold"),
-           "thresholds_cv": pd.DataFrame(t_cv, index=classes).T.rename_axis("fold"),
-           "pooled_thresholds": t_all,
-           "pooled_dice_05": M.macro_dice(Y, P),
-           "pooled_dice_tuned": M.macro_dice(Y, P, t_all),
-           "cv_dice_pooled": M.macro_dice(Y, decided.astype(float))}
-    out["threshold_std"] = out["thresholds_infold"].std(ddof=0).to_numpy()
-    for col in ("dice_05", "dice_infold", "dice_cv"):
-        out[f"{col}_mean"] = float(per_fold[col].mean())
-        out[f"{col}_std"] = float(per_fold[col].std(ddof=0))
-    return out
-
 
 # ----------------------------------------------------------------------------- blending
 
@@ -180,9 +45,9 @@ def _simplex(weights: Sequence[float] | None, n: int) -> np.ndarray:
     return w / w.sum()
 
 
-def _percentile(P: np.ndarray) -> np.ndarray:
+def _percentile(scores: np.ndarray) -> np.ndarray:
     """Per-column average ranks scaled to (0, 1): ``(rank - 0.5) / n``."""
-    return (rankdata(P, axis=0) - 0.5) / len(P)
+    return (rankdata(scores, axis=0) - 0.5) / len(scores)
 
 
 def _blend_arrays(mats: Sequence[np.ndarray], w: np.ndarray) -> np.ndarray:
@@ -213,20 +78,20 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
 def blend_metric(name: str | Metric, **tune_kw: float) -> Metric:
-    """A higher-is-better ``f(Y, P)``: macro_dice_tuned (thresholds tuned on the same rows),
+    """A higher-is-better ``f(y, probs)``: macro_dice_tuned (thresholds tuned on the same rows),
     macro_dice (at 0.5), macro_auc, balanced_accuracy, macro_f1_argmax, pauc (first column, partial
     AUC above 80% TPR: ISIC 2024), neg_log_loss (a smooth proxy for probability blends), or a
     callable returned unchanged."""
     if callable(name):
         return name
     table: dict[str, Metric] = {
-        "macro_dice_tuned": lambda Y, P: M.macro_dice(Y, P, tune_thresholds(Y, P, **tune_kw)),
+        "macro_dice_tuned": lambda y, p: M.macro_dice(y, p, D.tune_thresholds(y, p, **tune_kw)),
         "macro_dice": M.macro_dice, "macro_auc": M.macro_auc,
         "balanced_accuracy": M.balanced_accuracy, "macro_f1_argmax": M.macro_f1_argmax,
-        "pauc": lambda Y, P: M.partial_auc(Y[:, 0], P[:, 0]),
-        "neg_log_loss": lambda Y, P: -log_loss(Y.argmax(axis=1), np.clip(P, 1e-7, 1)
-                                               / np.clip(P, 1e-7, 1).sum(axis=1, keepdims=True),
-                                               labels=list(range(P.shape[1]))),
+        "pauc": lambda y, p: M.partial_auc(y[:, 0], p[:, 0]),
+        "neg_log_loss": lambda y, p: -log_loss(y.argmax(axis=1), np.clip(p, 1e-7, 1)
+                                               / np.clip(p, 1e-7, 1).sum(axis=1, keepdims=True),
+                                               labels=list(range(p.shape[1]))),
     }
     if name not in table:
         raise PipelineError(f"blend: unknown metric '{name}' (one of {sorted(table)})")
@@ -251,26 +116,26 @@ def task_blend_metric(name: str, task: str) -> str:
     return name
 
 
-def _search_weights(mats: Sequence[np.ndarray], Y: np.ndarray, score: Metric, step: float,
+def _search_weights(mats: Sequence[np.ndarray], y: np.ndarray, score: Metric, step: float,
                     max_lattice: int, n_greedy: int) -> tuple[np.ndarray, float]:
     """Best simplex weights: full lattice of spacing ``step`` when small, else greedy selection
     with replacement (Caruana et al. 2004). Ties prefer weights closest to uniform."""
     n, k = len(mats), int(round(1 / step))
     best_w, best_s = np.full(n, 1.0 / n), -np.inf
     if n == 1:
-        return best_w, score(Y, mats[0])
+        return best_w, score(y, mats[0])
     if comb(k + n - 1, n - 1) <= max_lattice:
         for bars in itertools.combinations(range(k + n - 1), n - 1):
             w = np.diff((-1, *bars, k + n - 1)) - 1.0
             w /= k
-            s = score(Y, _blend_arrays(mats, w))
+            s = score(y, _blend_arrays(mats, w))
             closer = np.sum((w - 1 / n) ** 2) < np.sum((best_w - 1 / n) ** 2)
             if s > best_s + 1e-12 or (s >= best_s - 1e-12 and closer):
                 best_w, best_s = w, max(s, best_s)
         return best_w, best_s
     counts = np.zeros(n)
     for _ in range(n_greedy):
-        trial = np.array([score(Y, _blend_arrays(mats, (counts + np.eye(n)[i]) / (counts.sum() + 1)))
+        trial = np.array([score(y, _blend_arrays(mats, (counts + np.eye(n)[i]) / (counts.sum() + 1)))
                           for i in range(n)], dtype=float)
         trial = np.where(np.isfinite(trial), trial, -np.inf)  # e.g. pAUC of a fold without positives
         counts[int(np.argmax(trial))] += 1
@@ -319,39 +184,79 @@ def optimize_blend_weights(oof_tables: Sequence[pd.DataFrame], truth_df: pd.Data
     return out
 
 
-def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame,
-                    weights_per_fold: dict | None, method: str = "prob", post=None, **tune_kw: float) -> dict:
-    """Honest CV of the whole 05 decision, blend weights included.
+def blend_weights(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame, names: Sequence[str],
+                  fixed: Sequence[float | None], optimize: bool, metric: str, task: str, method: str = "prob"
+                  ) -> tuple[np.ndarray, dict, dict | None]:
+    """Stage 05's blend weights, normalized: one member -> 1; all `fixed` given -> those; `optimize`
+    -> tuned per fold on OOF (`optimize_blend_weights`) and averaged; else equal. Also returns the
+    tuning info (empty when nothing was tuned) and the per-fold tuned weights ({fold: weights},
+    None when nothing was tuned: the nested CV then uses the same weights for every fold)."""
+    info: dict = {}
+    per_fold = None
+    if len(names) == 1:
+        w = np.array([1.0])
+    elif all(x is not None for x in fixed):
+        w = np.asarray(fixed, float)
+    elif optimize:
+        metric = task_blend_metric(metric, task)
+        opt = optimize_blend_weights(oof_tables, truth_df, metric=metric, per_fold=True, method=method)
+        w = np.asarray(opt["fold_avg"], float)
+        per_fold = {int(k): row.to_numpy(float) for k, row in pd.DataFrame(opt["per_fold"]).iterrows()}
+        info = {"metric": metric, "pooled": list(map(float, opt["pooled"])),
+                "fold_avg": list(map(float, opt["fold_avg"])),
+                "score_pooled": float(opt["score_pooled"]), "score_fold_avg": float(opt["score_fold_avg"]),
+                "per_fold": pd.DataFrame(opt["per_fold"]).to_dict(orient="records")}
+        log.info("blend weights (fold-averaged, used) %s; pooled-tuned %s", dict(zip(names, w.round(3).tolist())),
+                 dict(zip(names, np.round(opt["pooled"], 3).tolist())))
+    else:
+        w = np.ones(len(names))
+    return w / w.sum(), info, per_fold
 
-    For each fold k the blend weights are those tuned WITHOUT fold k's rows (the mean of the
-    per-fold weights of the other folds, `weights_per_fold` = {fold: weights}, each tuned on its own
-    fold's rows only; None = fixed weights, equal here), and fold k's rows are then decided by
-    thresholds tuned on the other folds' rows of that blend (and, for reference, by argmax). Before,
-    05 tuned the weights on every fold and nested only the thresholds: the fold's own rows had
-    helped choose its weights. Returns the nested macro Dice at tuned thresholds, the nested argmax
-    macro F1, the nested blended OOF probabilities (rows in `truth_df` order) and the nested tuned
-    decisions (`decided_tuned`, 0/1). `post`: what 05
-    applies to the blend before deciding (its logit adjustment), applied here too."""
+
+def _blend_rows(raw: Sequence[np.ndarray], rows: np.ndarray, w: np.ndarray, method: str) -> np.ndarray:
+    """The blend of these rows only (a rank blend ranks within them)."""
+    return _blend_arrays([_percentile(r[rows]) if method == "rank" else r[rows] for r in raw], w)
+
+
+def nested_blend_cv(oof_tables: Sequence[pd.DataFrame], truth_df: pd.DataFrame, weights_per_fold: dict | None,
+                    method: str = "prob", tau: float = 0.0, asked: str = "thresholds", task: str = "multiclass",
+                    **tune_kw: float) -> dict:
+    """Nested CV of the whole 05 decision: each fold k is decided by what was fitted WITHOUT its rows.
+
+    Fitted without fold k: the blend weights (the mean of the other folds' per-fold weights,
+    `weights_per_fold` = {fold: weights}, each tuned on its own fold's rows; None = equal weights),
+    the logit-adjustment priors (`tau` > 0: class frequencies of the other folds' labels), the
+    thresholds (tuned on the other folds' rows of that blend) and, for `asked` = auto on a
+    multiclass task, the rule itself (argmax vs thresholds compared on the other folds' rows, with
+    thresholds nested within them: `decision.fold_rule`). Returns `macro_dice_nested` (each fold
+    decided by its own rule: the fully nested figure), `rules_per_fold`, the per-rule figures
+    `macro_dice_tuned_nested` (thresholds for every fold) and `macro_f1_argmax_nested` (argmax),
+    `pauc_80_nested` (binary), `weights_per_fold` (used), the nested blended OOF `probs` (rows in
+    `truth_df` order) and the 0/1 decisions `decided` (fully nested) and `decided_tuned`."""
     classes = _check_tables(oof_tables)
-    post = post or (lambda P: P)
-    _, Y, _ = M.align_to_truth(truth_df, oof_tables[0], classes)
+    _, y, _ = M.align_to_truth(truth_df, oof_tables[0], classes)
     pos = pd.Index(oof_tables[0][ID].astype(str)).get_indexer(truth_df[ID].astype(str))
     raw = [t[classes].to_numpy(dtype=np.float64)[pos] for t in oof_tables]
     folds = truth_df["fold"].to_numpy()
-    P_nested = np.zeros_like(Y, dtype=np.float64)
-    decided = np.zeros_like(Y, dtype=bool)
-    used = {}
+    probs, decided, decided_tuned = np.zeros_like(y), np.zeros_like(y), np.zeros_like(y)
+    used, rules = {}, {}
     for f in np.unique(folds[folds >= 0]):
         m = folds == f
         w = _nested_weights(weights_per_fold, f, len(raw))
-        used[int(f)] = w.tolist()
-        P_out = post(_blend_arrays([_percentile(r[~m]) if method == "rank" else r[~m] for r in raw], w))
-        P_in = post(_blend_arrays([_percentile(r[m]) if method == "rank" else r[m] for r in raw], w))
-        decided[m] = P_in > tune_thresholds(Y[~m], P_out, **tune_kw)
-        P_nested[m] = P_in
-    return {"macro_dice_tuned_nested": float(M.macro_dice(Y, decided.astype(float))),
-            "macro_f1_argmax_nested": float(M.macro_dice(Y, argmax_decisions(P_nested))),
-            "weights_per_fold": used, "probs": P_nested, "decided_tuned": decided.astype(np.float64)}
+        post = D.logit_adjuster(tau, y[~m])
+        p_out, p_in = post(_blend_rows(raw, ~m, w, method)), post(_blend_rows(raw, m, w, method))
+        t = D.tune_thresholds(y[~m], p_out, **tune_kw)
+        rules[int(f)] = D.fold_rule(asked, task, y[~m], p_out, folds[~m], **tune_kw)
+        decided_tuned[m] = D.apply_rule(p_in, "thresholds", t)
+        decided[m] = D.apply_rule(p_in, rules[int(f)], t)
+        probs[m], used[int(f)] = p_in, w.tolist()
+    out = {"macro_dice_nested": M.macro_dice(y, decided), "rules_per_fold": rules,
+           "macro_dice_tuned_nested": M.macro_dice(y, decided_tuned),
+           "macro_f1_argmax_nested": M.macro_dice(y, D.argmax_decisions(probs)),
+           "weights_per_fold": used, "probs": probs, "decided": decided, "decided_tuned": decided_tuned}
+    if task == "binary":
+        out["pauc_80_nested"] = float(M.partial_auc(y[:, 0], probs[:, 0]))
+    return out
 
 
 def _nested_weights(weights_per_fold: dict | None, fold: int, n: int) -> np.ndarray:
@@ -370,7 +275,7 @@ def fold_average_gap(oof_probs: np.ndarray, test_probs: np.ndarray, thresholds: 
     Reports the spread (std) of OOF vs test probabilities and the share of rows above the tuned
     threshold in each; a test share far below the OOF share means the thresholds cut a different
     distribution on test than the one they were tuned on."""
-    O, T, t = M._f2(oof_probs), M._f2(test_probs), np.asarray(thresholds, float)
+    O, T, t = M.as_2d(oof_probs), M.as_2d(test_probs), np.asarray(thresholds, float)
     out = {}
     for i, c in enumerate(classes):
         o_std, t_std = float(O[:, i].std()), float(T[:, i].std())

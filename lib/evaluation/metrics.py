@@ -6,7 +6,9 @@ Definitions (``isic-challenge-scoring`` 5.6 / 5.8, ``classification.py`` and ``m
   probability of exactly 0.5 is a negative decision.
 * Dice (= F1): ``2TP / (2TP + FP + FN)``; when ``TP + FP + FN == 0`` (class absent and never
   predicted) the scorer returns 1.0. The MILK10k target (5.8 ``ClassificationMetric.DICE``) is
-  ``macro_average['dice']``, the plain mean of the per-class Dice values.
+  ``macro_average['dice']``, the plain mean of the per-class Dice values. Its one
+  implementation is ``lib.core.scoring`` (re-exported here), so training, tabular and evaluation
+  all score the same way.
 * Balanced multiclass accuracy: labels are the row argmax, but a row whose maximum is shared by
   several columns gets the label ``'undecided'`` (always wrong; excluded when it is the truth).
   Score = mean over classes of ``TP_c / n_true_c``; classes with no true rows give 0/0 = NaN,
@@ -36,18 +38,18 @@ from sklearn.metrics import auc as _curve_area
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from lib.core.errors import PipelineError
+from lib.core.scoring import (  # noqa: F401  the one Dice, re-exported for evaluation
+    DECISION_THRESHOLD,
+    argmax_onehot,
+    as_2d,
+    dice_per_class,
+    macro_dice,
+)
 from lib.core.io import ID, assert_unique_ids
 
 log = logging.getLogger(__name__)
 
-DECISION_THRESHOLD = 0.5
 TASKS = ("multiclass", "multilabel", "binary")
-
-
-def _f2(a: Any) -> np.ndarray:
-    """As a float64 2-D array (a 1-D input becomes one column)."""
-    a = np.asarray(a, dtype=np.float64)
-    return a[:, None] if a.ndim == 1 else a
 
 
 def to_onehot(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -61,33 +63,11 @@ def to_onehot(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 def argmax_labels(probs: np.ndarray) -> np.ndarray:
     """Row argmax as the ISIC scorer's ``_to_labels``: -1 ('undecided') when the max is shared."""
-    p = _f2(probs)
+    p = as_2d(probs)
     is_max = p == p.max(axis=1, keepdims=True)
     lab = is_max.argmax(axis=1)
     lab[is_max.sum(axis=1) != 1] = -1
     return lab
-
-
-def dice_per_class(y_true_onehot: np.ndarray, probs: np.ndarray,
-                   threshold: float | np.ndarray = DECISION_THRESHOLD) -> np.ndarray:
-    """Per-class Dice of ``probs > threshold`` (scalar or per class) vs ``y > 0.5``; 1.0 if TP+FP+FN == 0."""
-    t = _f2(y_true_onehot) > 0.5
-    p = _f2(probs) > np.asarray(threshold, dtype=np.float64)
-    tp = (t & p).sum(axis=0)
-    den = t.sum(axis=0) + p.sum(axis=0)  # = 2TP + FP + FN
-    return np.where(den == 0, 1.0, 2.0 * tp / np.maximum(den, 1))
-
-
-def macro_dice(y_true_onehot: np.ndarray, probs: np.ndarray,
-               threshold: float | np.ndarray = DECISION_THRESHOLD) -> float:
-    """Mean per-class Dice: the MILK10k official score when ``threshold`` is 0.5."""
-    return float(dice_per_class(y_true_onehot, probs, threshold).mean())
-
-
-def multilabel_macro_f1(y_multi: np.ndarray, probs: np.ndarray,
-                        thresholds: float | np.ndarray = DECISION_THRESHOLD) -> float:
-    """Multilabel macro F1 at (per-class) thresholds; same definition and edge rule as ``macro_dice``."""
-    return macro_dice(y_multi, probs, thresholds)
 
 
 def macro_f1_argmax(y: np.ndarray, probs: np.ndarray) -> float:
@@ -95,22 +75,22 @@ def macro_f1_argmax(y: np.ndarray, probs: np.ndarray) -> float:
 
     Classes that are absent and never predicted score 1.0, as in the ISIC scorer.
     """
-    p = _f2(probs)
+    p = as_2d(probs)
     y = np.asarray(y)
     y1 = to_onehot(y, p.shape[1]) if y.ndim == 1 else y
-    return macro_dice(y1, to_onehot(p.argmax(axis=1), p.shape[1]))
+    return macro_dice(y1, argmax_onehot(p))
 
 
 def balanced_accuracy(y_true_onehot: np.ndarray, probs: np.ndarray) -> float:
     """ISIC balanced multiclass accuracy (tied maxima are 'undecided'; classes without truth skipped)."""
     t, p = argmax_labels(y_true_onehot), argmax_labels(probs)
-    recalls = [np.mean(p[t == c] == c) for c in range(_f2(probs).shape[1]) if np.any(t == c)]
+    recalls = [np.mean(p[t == c] == c) for c in range(as_2d(probs).shape[1]) if np.any(t == c)]
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
 def auc_per_class(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Per-class ROC AUC (sklearn ``roc_auc_score``); NaN where a class has only one truth value."""
-    t, s = _f2(y_true) > 0.5, _f2(scores)
+    t, s = as_2d(y_true) > 0.5, as_2d(scores)
     return np.array([roc_auc_score(t[:, c], s[:, c]) if 0 < t[:, c].sum() < len(t) else np.nan
                      for c in range(s.shape[1])])
 
@@ -144,9 +124,9 @@ def topk_accuracy(y_multi: np.ndarray, scores: np.ndarray, k: int) -> float:
 
     Rows without any positive label count as misses.
     """
-    s = _f2(scores)
+    s = as_2d(scores)
     top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return float(np.take_along_axis(_f2(y_multi) > 0.5, top, axis=1).any(axis=1).mean())
+    return float(np.take_along_axis(as_2d(y_multi) > 0.5, top, axis=1).any(axis=1).mean())
 
 
 def truth_matrix(truth_df: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:

@@ -14,7 +14,7 @@ import pandas as pd
 from lib.core import artifacts as A
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_same_ids, atomic_path, write_text
-from lib.evaluation import ensemble
+from lib.evaluation import decision as D
 from lib.evaluation import metrics as M
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,15 @@ def oof_arrays(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str]) -> tu
             train["fold"].to_numpy(int))
 
 
-def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task: str = "multiclass") -> dict:
-    """Macro F1 (= Dice) at 0.5 and at tuned thresholds (pooled, and honest: thresholds from the
-    other folds), per class and per fold; multiclass adds argmax F1 and balanced accuracy, binary
-    AUC and pAUC above 80% TPR (pooled and per fold), multilabel top-1 / top-3 accuracy."""
+def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task: str = "multiclass",
+               weights: str = "fixed", priors: str | None = None, rule_chosen: bool = False) -> dict:
+    """Macro F1 (= Dice) at 0.5 and at tuned thresholds (pooled, and with thresholds from the other
+    folds), per class and per fold; multiclass adds argmax F1 and balanced accuracy, binary AUC and
+    pAUC above 80% TPR (pooled and per fold), multilabel top-1 / top-3 accuracy. `nesting` labels
+    every figure (`nesting_labels`): `weights` / `priors` say how the OOF table's blend weights and
+    logit-adjustment priors were fitted, `rule_chosen` that 05 chooses between the rules."""
     Y, P, folds = oof_arrays(train, oof, classes)
-    sp = ensemble.foldwise_threshold_spread(Y, P, folds, classes)
+    sp = D.foldwise_threshold_spread(Y, P, folds, classes)
     t = sp["pooled_thresholds"]
     out: dict = {
         "n": int(len(Y)), "task": task,
@@ -54,7 +57,7 @@ def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task:
     if task == "multiclass":
         out["macro_f1_argmax"] = float(M.macro_f1_argmax(Y, P))
         out["balanced_accuracy"] = float(M.balanced_accuracy(Y, P))
-        hot = ensemble.argmax_decisions(P)
+        hot = D.argmax_decisions(P)
         out["per_class_f1_argmax"] = dict(zip(classes, map(float, M.dice_per_class(Y, hot))))
         out["per_fold_f1_argmax"] = [float(M.macro_f1_argmax(Y[folds == k], P[folds == k]))
                                      for k in np.unique(folds)]
@@ -63,6 +66,43 @@ def cv_summary(train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], task:
             out["macro_auc"] = float(M.macro_auc(Y, P))
     except ValueError:
         pass
+    out["nesting"] = nesting_labels(out, weights, priors, rule_chosen)
+    return out
+
+
+# ----------------------------------------------------------------------------- what each figure nests
+
+# cv_summary key -> (its thresholds, the rule it scores); "ranks": a ranking metric, no decision
+FIGURES = {
+    "macro_dice_05": ("none", "0.5"), "macro_dice_tuned_pooled": ("not nested", "thresholds"),
+    "macro_dice_tuned_cv": ("nested", "thresholds"), "per_class_dice_tuned": ("not nested", "thresholds"),
+    "per_fold": ("not nested (dice_infold), nested (dice_cv)", "thresholds"),
+    "macro_f1_argmax": ("none", "argmax"), "balanced_accuracy": ("none", "argmax"),
+    "per_class_f1_argmax": ("none", "argmax"), "per_fold_f1_argmax": ("none", "argmax"),
+    "auc": ("none", "ranks"), "macro_auc": ("none", "ranks"), "pauc_80": ("none", "ranks"),
+    "per_fold_pauc_80": ("none", "ranks"), "top1_accuracy": ("none", "ranks"), "top3_accuracy": ("none", "ranks"),
+}
+
+
+def nesting(weights: str, thresholds: str, decision: str, priors: str | None = None) -> str:
+    """One figure's label: how its blend weights, logit-adjustment priors (when used), thresholds and
+    decision rule were fitted, and `honest` only when none of them saw the rows it scores.
+    Values: `nested` (fitted without the fold scored), `not nested` (fitted on all OOF rows),
+    `fixed` (not fitted: one model, fixed weights, a rule fixed by the recipe), `none` (not used),
+    `per rule` (scores one rule while 05 chooses between rules: not the submission's figure)."""
+    parts = [f"weights {weights}", *([f"priors {priors}"] if priors else []), f"thresholds {thresholds}",
+             f"decision {decision}"]
+    honest = not any("not nested" in p or "per rule" in p for p in parts)
+    return ", ".join(parts) + (": honest" if honest else ": not honest")
+
+
+def nesting_labels(cv: dict, weights: str = "fixed", priors: str | None = None, rule_chosen: bool = False) -> dict:
+    """`nesting` label of every cv_summary figure present in `cv`."""
+    out = {}
+    for key, (thr, rule) in FIGURES.items():
+        if key in cv:
+            decision = "none (ranks)" if rule == "ranks" else f"{'per rule' if rule_chosen else 'fixed'} ({rule})"
+            out[key] = nesting(weights, thr, decision, priors)
     return out
 
 
@@ -84,15 +124,17 @@ def log_cv(name: str, cv: dict) -> None:
 # ----------------------------------------------------------------------------- report.md + PNGs
 
 DECISIONS = ("argmax", "thresholds", "raw")
-HEADLINE = {  # key of the dict given to write_report (a cv_summary; 05 adds the honest_* keys) -> label
+HEADLINE = {  # key of the dict given to write_report (a cv_summary; 05 adds the nested_* keys) -> label
+    "nested_expected": "05's expected score: the submission's rule, everything fitted without the fold it scores",
+    "nested_expected_se": "  its standard error (class-stratified bootstrap of the OOF lesions)",
+    "nested_argmax": "Macro F1 at argmax, blend weights and priors from the other folds",
+    "nested_argmax_se": "  its standard error (same draws)",
+    "nested_thresholds": "Macro Dice, tuned thresholds, blend weights, priors and thresholds from the other folds",
+    "nested_thresholds_se": "  its standard error (same draws)",
     "macro_f1_argmax": "Macro F1 at argmax",
     "macro_dice_05": "Macro Dice at 0.5",
-    "macro_dice_tuned_pooled": "Macro Dice, tuned thresholds, pooled (optimistic)",
-    "macro_dice_tuned_cv": "Macro Dice, tuned thresholds, honest CV",
-    "honest_argmax": "Macro F1 at argmax, honest CV with the blend weights nested (05)",
-    "honest_argmax_se": "  its standard error (class-stratified bootstrap of the OOF lesions)",
-    "honest_thresholds": "Macro Dice, tuned thresholds, honest CV with the blend weights nested (05)",
-    "honest_thresholds_se": "  its standard error (same draws)",
+    "macro_dice_tuned_pooled": "Macro Dice, tuned thresholds, tuned and scored on the same rows",
+    "macro_dice_tuned_cv": "Macro Dice, tuned thresholds from the other folds",
     "balanced_accuracy": "Balanced accuracy",
     "macro_auc": "Macro AUC",
     "auc": "AUC",
@@ -102,23 +144,15 @@ HEADLINE = {  # key of the dict given to write_report (a cv_summary; 05 adds the
 }
 MEMBER_METRICS = ("macro_f1_argmax", "macro_dice_tuned_cv", "macro_auc", "auc", "pauc_80")
 NOTE = (
-    "*Tuned pooled* thresholds are tuned and scored on the same pooled OOF rows, so that number is "
-    "optimistic. *Tuned honest-CV* scores each fold's rows with thresholds tuned on the **other** "
-    "folds only: the estimate to trust for the leaderboard. The confusion matrix (multiclass only) needs one label "
-    "per row: with `thresholds` the label is the argmax of p/t over the classes with p > t, or the "
-    "plain argmax when no class clears its threshold; per-class Dice and the score still use the "
-    "official rule (every class with p > t is positive, after baking t to 0.5).")
-
-
-def decide_labels(probs: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
-    """One class index per row: the argmax of ``p``, or with ``thresholds`` the argmax of ``p / t``
-    among the classes with ``p > t`` (the plain argmax when no class clears its threshold)."""
-    P = M._f2(probs)
-    if thresholds is None:
-        return P.argmax(axis=1)
-    t = np.maximum(np.asarray(thresholds, dtype=np.float64), 1e-12)
-    ratio = np.where(P > t, P / t, -np.inf)
-    return np.where(np.isfinite(ratio).any(axis=1), ratio.argmax(axis=1), P.argmax(axis=1))
+    "Each figure says how it was fitted: blend weights, logit-adjustment priors, thresholds and the "
+    "decision rule are *nested* when fitted without the fold a row belongs to, *not nested* when fitted on "
+    "all OOF rows (then the figure is optimistic), *fixed* when not fitted at all. Only a figure with "
+    "nothing *not nested* and no *per rule* choice is called honest; in 05 that is the expected score (the "
+    "rule, weights, priors and thresholds of fold k all chosen on the other folds). The submission itself "
+    "uses the rule, weights and thresholds chosen on all OOF rows (the deployment choice). The confusion "
+    "matrix (multiclass only) needs one label per row: with `thresholds` the label is the argmax of p/t over "
+    "the classes with p > t, or the plain argmax when no class clears its threshold; per-class Dice and the "
+    "score still use the official rule (every class with p > t is positive, after baking t to 0.5).")
 
 
 def load_histories(output_root: Path, exps: Sequence[str]) -> dict[str, pd.DataFrame]:
@@ -157,11 +191,11 @@ def _member_metric(m: dict, key: str) -> Any:
 
 
 def _resolve_thresholds(thresholds: dict[str, float], cv: dict, classes: list[str],
-                        Y: np.ndarray, P: np.ndarray) -> np.ndarray:
+                        y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """The given thresholds; when empty, cv["thresholds"] or freshly tuned ones."""
     th = thresholds or cv.get("thresholds") or {}
     if not th:
-        return ensemble.tune_thresholds(Y, P)
+        return D.tune_thresholds(y, probs)
     missing = [c for c in classes if c not in th]
     if missing:
         raise PipelineError(f"write_report: thresholds lack classes {missing}")
@@ -177,15 +211,15 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _fig_confusion(Fig: Callable, Y: np.ndarray, lab: np.ndarray, classes: list[str],
+def _fig_confusion(figure: Callable, y: np.ndarray, lab: np.ndarray, classes: list[str],
                    decision: str) -> Any:
     k = len(classes)
-    has = Y.max(axis=1) > 0.5
+    has = y.max(axis=1) > 0.5
     cm = np.zeros((k, k), dtype=int)
-    np.add.at(cm, (Y[has].argmax(axis=1), lab[has]), 1)
+    np.add.at(cm, (y[has].argmax(axis=1), lab[has]), 1)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     size = 1.0 + 0.75 * k
-    fig = Fig(figsize=(size + 1.5, size))
+    fig = figure(figsize=(size + 1.5, size))
     ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
@@ -201,10 +235,10 @@ def _fig_confusion(Fig: Callable, Y: np.ndarray, lab: np.ndarray, classes: list[
     return fig
 
 
-def _fig_f1(Fig: Callable, f1_arg: np.ndarray, dice_t: np.ndarray, support: np.ndarray,
+def _fig_f1(figure: Callable, f1_arg: np.ndarray, dice_t: np.ndarray, support: np.ndarray,
             classes: list[str]) -> Any:
     k, x = len(classes), np.arange(len(classes))
-    fig = Fig(figsize=(max(6.0, 0.8 * k + 2), 4))
+    fig = figure(figsize=(max(6.0, 0.8 * k + 2), 4))
     ax = fig.subplots()
     if np.isfinite(f1_arg).any():
         ax.bar(x - 0.2, f1_arg, 0.4, label=f"argmax (macro {f1_arg.mean():.3f})")
@@ -218,25 +252,25 @@ def _fig_f1(Fig: Callable, f1_arg: np.ndarray, dice_t: np.ndarray, support: np.n
     return fig
 
 
-def _fig_thresholds(Fig: Callable, Y: np.ndarray, P: np.ndarray, t: np.ndarray,
+def _fig_thresholds(figure: Callable, y: np.ndarray, probs: np.ndarray, t: np.ndarray,
                     classes: list[str]) -> Any:
-    grid = ensemble.threshold_grid()
+    grid = D.threshold_grid()
     k = len(classes)
     ncol = min(4, k)
     nrow = math.ceil(k / ncol)
-    fig = Fig(figsize=(3.2 * ncol, 2.5 * nrow))
+    fig = figure(figsize=(3.2 * ncol, 2.5 * nrow))
     axes = fig.subplots(nrow, ncol, sharex=True, sharey=True, squeeze=False).ravel()
     for c, ax in enumerate(axes):
         if c >= k:
             ax.set_axis_off()
             continue
-        curve = ensemble.dice_curve(Y[:, c], P[:, c], grid)
+        curve = D.dice_curve(y[:, c], probs[:, c], grid)
         ax.plot(grid, curve, lw=1.3)
         ax.axvline(0.5, color="grey", ls=":", lw=0.8)
-        at = M.dice_per_class(Y[:, [c]], P[:, [c]], t[c])[0]
+        at = M.dice_per_class(y[:, [c]], probs[:, [c]], t[c])[0]
         ax.axvline(t[c], color="tab:red", lw=1)
         ax.plot([t[c]], [at], "o", color="tab:red", ms=4)
-        ax.set_title(f"{classes[c]} (n={int((Y[:, c] > 0.5).sum())}) t={t[c]:.2f} Dice={at:.3f}",
+        ax.set_title(f"{classes[c]} (n={int((y[:, c] > 0.5).sum())}) t={t[c]:.2f} Dice={at:.3f}",
                      fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
@@ -245,12 +279,12 @@ def _fig_thresholds(Fig: Callable, Y: np.ndarray, P: np.ndarray, t: np.ndarray,
     return fig
 
 
-def _fig_training(Fig: Callable, histories: dict[str, pd.DataFrame]) -> Any | None:
+def _fig_training(figure: Callable, histories: dict[str, pd.DataFrame]) -> Any | None:
     panels = [("loss", ["train_loss", "val_loss"]), ("val macro F1", ["val_macro_f1"]), ("lr", ["lr"])]
     panels = [(n, cols) for n, cols in panels if any(c in h for h in histories.values() for c in cols)]
     if not histories or not panels:
         return None
-    fig = Fig(figsize=(4.5 * len(panels), 3.5))
+    fig = figure(figsize=(4.5 * len(panels), 3.5))
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     colors = [f"C{i % 10}" for i in range(len(histories))]
     for ax, (title, cols) in zip(axes, panels):
@@ -281,11 +315,11 @@ def _per_fold_table(cv: dict) -> pd.DataFrame | None:
     return pf
 
 
-def _fig_cv_spread(Fig: Callable, pf: pd.DataFrame) -> Any:
+def _fig_cv_spread(figure: Callable, pf: pd.DataFrame) -> Any:
     cols = [c for c in ("pauc_80", "f1_argmax", "dice_05", "dice_infold", "dice_cv") if c in pf]
     labels = {"pauc_80": "pAUC\n(max 0.2)", "f1_argmax": "F1 argmax", "dice_05": "Dice@0.5", "dice_infold": "Dice tuned\nin-fold",
               "dice_cv": "Dice tuned\nhonest"}
-    fig = Fig(figsize=(1.6 * len(cols) + 2, 3.8))
+    fig = figure(figsize=(1.6 * len(cols) + 2, 3.8))
     ax = fig.subplots()
     offs = np.linspace(-0.15, 0.15, len(pf)) if len(pf) > 1 else np.zeros(1)
     for i, c in enumerate(cols):
@@ -318,6 +352,19 @@ def _write_figures(img_dir: Path, figs: dict[str, tuple[str, Callable[[], Any]]]
         _save(fig, img_dir / name)
         written.append((caption, name))
     return written
+
+
+def _headline(cv: dict) -> str:
+    """Headline rows: metric, value and how it was fitted (`cv["nesting"]`; an SE row shares its figure's)."""
+    how = cv.get("nesting", {})
+    rows = [[lbl, float(cv[k]), how.get(k.removesuffix("_se"), "-")] for k, lbl in HEADLINE.items() if k in cv]
+    return _md_table(["metric", "value", "fitted how (weights, priors, thresholds, decision)"], rows)
+
+
+def _fitted_how(cv: dict, figures: Sequence[tuple[str, str]]) -> str:
+    """One line per table column: how its figures were fitted (`cv["nesting"]`)."""
+    how = cv.get("nesting", {})
+    return "Fitted how: " + "; ".join(f"{name}: {how[k]}" for name, k in figures if k in how) if how else ""
 
 
 def stage_times_table(rows: Sequence[dict]) -> str:
@@ -358,11 +405,11 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     t = _resolve_thresholds(thresholds, cv, classes, Y, P)
     support = (Y > 0.5).sum(axis=0).astype(int)
     single_label = task == "multiclass"
-    f1_arg = (M.dice_per_class(Y, ensemble.argmax_decisions(P)) if single_label
+    f1_arg = (M.dice_per_class(Y, D.argmax_decisions(P)) if single_label
               else np.full(len(classes), np.nan))  # argmax is a single-label rule
     dice_05 = M.dice_per_class(Y, P)
     dice_t = M.dice_per_class(Y, P, t)
-    lab = decide_labels(P, t if decision == "thresholds" else None)
+    lab = D.decide_labels(P, t if decision == "thresholds" else None)
     pf = _per_fold_table(cv)
 
     figs = {"confusion.png": ("OOF confusion matrix", lambda: _fig_confusion(Figure, Y, lab, classes, decision)
@@ -376,7 +423,7 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
 
     parts = [f"# {title}", "", f"OOF rows: {len(Y)}, classes: {len(classes)}, decision: **{decision}**", "",
              "## Headline (OOF)", "",
-             _md_table(["metric", "value"], [[lbl, float(cv[k])] for k, lbl in HEADLINE.items() if k in cv]),
+             _headline(cv),
              "", "## Decision and thresholds", "",
              f"Decision used: **{decision}**" + {
                 "argmax": " (single label = argmax of p)",
@@ -396,7 +443,9 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
               _md_table(["class", "support", "F1 argmax", "Dice@0.5", "Dice tuned", "threshold"],
                         [[c, int(n), float(a), float(b), float(d), float(x)]
                          for c, n, a, b, d, x in zip(classes, support, f1_arg, dice_05, dice_t, t)]),
-              "", "## Per fold", ""]
+              "", _fitted_how(cv, (("F1 argmax", "per_class_f1_argmax"), ("Dice@0.5", "macro_dice_05"),
+                                   ("Dice tuned", "per_class_dice_tuned"))),
+              "", "## Per fold", "", _fitted_how(cv, (("per fold", "per_fold"),)), ""]
     parts.append(_md_table(list(pf.columns), pf.to_numpy(object).tolist()) if pf is not None
                  else "_no per-fold results_")
     if stage_times:

@@ -84,26 +84,3 @@ def write_submission(sub: pd.DataFrame, test_ids: list[str], path: str | Path) -
     back = pd.read_csv(io.StringIO(text), dtype={key: str})
     validate_submission(back, test_ids, cols, key)
     return write_text(text, path)
-
-
-# --------------------------------------------------------------------------- stage 05
-DECISIONS = ("auto", "thresholds", "argmax", "raw")
-
-
-def choose_decision(asked: str, task: str, cv: dict) -> str:
-    """The submission rule. `auto`: binary -> raw probabilities (the ISIC 2024 metric ranks them);
-    multilabel -> per-class thresholds; multiclass -> the better OOF of argmax and tuned thresholds
-    (honest CV). `argmax` is a single-label rule: refused for multilabel and binary tasks."""
-    if asked not in DECISIONS:
-        raise PipelineError(f"config: submit.decision '{asked}' unknown (one of {DECISIONS})")
-    if asked == "argmax" and task != "multiclass":
-        raise PipelineError(f"config: submit.decision 'argmax' needs a multiclass task; this one is {task}")
-    if asked != "auto":
-        return asked
-    if task == "binary":
-        return "raw"
-    if task == "multilabel":
-        return "thresholds"
-    return "thresholds" if cv["macro_dice_tuned_cv"] >= cv.get("macro_f1_argmax", -1.0) else "argmax"
-
-

@@ -1,4 +1,5 @@
-"""Stage 05: blend member experiments, choose decisions on OOF, write submission.csv and the report."""
+"""Stage 05: blend member experiments, evaluate the decision rule nested (lib.evaluation.decision and
+ensemble.nested_blend_cv), write submission.csv, cv.json and the report. Orchestration only."""
 from __future__ import annotations
 
 import logging
@@ -13,132 +14,90 @@ from lib.core.artifacts import exp_dir, load_member, save_config
 from lib.core.errors import PipelineError
 from lib.core.io import ID, read_json, write_json, write_parquet
 from lib.data.dataset import load_dataset
+from lib.evaluation import decision as D
 from lib.evaluation import ensemble
-from lib.evaluation import metrics as M
 from lib.evaluation import report as R
-from lib.evaluation.bootstrap import bootstrap_macro_dice
-from lib.evaluation.submission import (
-    build_submission,
-    choose_decision,
-    write_submission,
-)
+from lib.evaluation.bootstrap import nested_uncertainty
+from lib.evaluation.submission import build_submission, write_submission
 
 log = logging.getLogger(__name__)
 
 
-def _weights(s: dict, names: list[str], oofs: list[pd.DataFrame], train: pd.DataFrame, task: str
-             ) -> tuple[np.ndarray, dict, dict | None]:
-    """Blend weights (fixed, equal, or tuned per fold on OOF and averaged), normalized; + tuning info;
-    + the per-fold tuned weights ({fold: weights}, None when nothing was tuned)."""
-    fixed = [m["weight"] for m in s["members"]]
-    info: dict = {}
-    per_fold = None
-    if len(names) == 1:
-        w = np.array([1.0])
-    elif all(x is not None for x in fixed):
-        w = np.asarray(fixed, float)
-    elif s["optimize_weights"]:
-        metric = ensemble.task_blend_metric(s["blend_metric"], task)
-        opt = ensemble.optimize_blend_weights(oofs, train, metric=metric, per_fold=True, method=s["blend"])
-        w = np.asarray(opt["fold_avg"], float)
-        per_fold = {int(k): row.to_numpy(float) for k, row in pd.DataFrame(opt["per_fold"]).iterrows()}
-        info = {"metric": metric, "pooled": list(map(float, opt["pooled"])),
-                "fold_avg": list(map(float, opt["fold_avg"])),
-                "score_pooled": float(opt["score_pooled"]), "score_fold_avg": float(opt["score_fold_avg"]),
-                "per_fold": pd.DataFrame(opt["per_fold"]).to_dict(orient="records")}
-        log.info("blend weights (fold-averaged, used) %s; pooled-tuned %s", dict(zip(names, w.round(3).tolist())),
-                 dict(zip(names, np.round(opt["pooled"], 3).tolist())))
-    else:
-        w = np.ones(len(names))
-    return w / w.sum(), info, per_fold
-
-
-def _nested(s: dict, task: str, classes: list[str], oofs: list[pd.DataFrame], train: pd.DataFrame,
-            w: np.ndarray, per_fold: dict | None, metrics: dict, adjust=None) -> dict:
-    """Old vs new honest estimate: thresholds nested (old) vs blend weights and thresholds nested (new)."""
+def _honest(s: dict, task: str, classes: list[str], oofs: list[pd.DataFrame], train: pd.DataFrame,
+            w: np.ndarray, per_fold: dict | None, tau: float) -> tuple[dict, dict]:
+    """The nested CV of the whole decision: (cv.json's `honest_cv` block: its figures, what each
+    nests and their bootstrap uncertainty; the raw `nested_blend_cv` result)."""
     folds = sorted(int(f) for f in train["fold"].unique())
-    res = ensemble.nested_blend_cv(oofs, train, per_fold or {f: w for f in folds}, method=s["blend"], post=adjust)
-    out = {"weights_nested": per_fold is not None,
-           "macro_dice_tuned_cv_old": metrics["macro_dice_tuned_cv"],
+    res = ensemble.nested_blend_cv(oofs, train, per_fold or {f: w for f in folds}, method=s["blend"], tau=tau,
+                                   asked=s["decision"], task=task)
+    chosen = D.rule_is_chosen(s["decision"], task)
+    rule = "nested" if chosen else f"fixed ({D.choose_decision(s['decision'], task)})"
+    weights, priors, each = ("nested" if per_fold is not None else "fixed"), ("nested" if tau else None), \
+        ("per rule" if chosen else "fixed")
+    out = {"weights_nested": per_fold is not None, "priors_nested": bool(tau),
+           "macro_dice_nested": res["macro_dice_nested"], "rules_per_fold": res["rules_per_fold"],
            "macro_dice_tuned_cv_nested": res["macro_dice_tuned_nested"],
            "weights_per_fold_used": res["weights_per_fold"]}
+    nesting = {"macro_dice_nested": R.nesting(weights, "nested", rule, priors),
+               "macro_dice_tuned_cv_nested": R.nesting(weights, "nested", f"{each} (thresholds)", priors)}
     if task == "multiclass":
-        out.update(macro_f1_argmax_old=metrics["macro_f1_argmax"], macro_f1_argmax_nested=res["macro_f1_argmax_nested"])
-        out["bootstrap"] = _bootstrap_se(train, classes, res)
+        out["macro_f1_argmax_nested"] = res["macro_f1_argmax_nested"]
+        nesting["macro_f1_argmax_nested"] = R.nesting(weights, "none", f"{each} (argmax)", priors)
+        y = train[[f"y_{c}" for c in classes]].to_numpy(np.float64)
+        out["bootstrap"] = nested_uncertainty(y, {"argmax": D.argmax_decisions(res["probs"]),
+                                                  "thresholds": res["decided_tuned"], "decision": res["decided"]})
     if task == "binary":
-        out.update(pauc_80_old=metrics["pauc_80"],
-                   pauc_80_nested=float(M.partial_auc(train[f"y_{classes[0]}"].to_numpy(), res["probs"][:, 0])))
-    log.info("honest CV with the blend weights nested too: tuned %.4f (thresholds only nested: %.4f)%s",
-             out["macro_dice_tuned_cv_nested"], out["macro_dice_tuned_cv_old"],
-             f"; argmax {out['macro_f1_argmax_nested']:.4f} (was {out['macro_f1_argmax_old']:.4f})"
-             if task == "multiclass" else "")
-    return out
+        out["pauc_80_nested"] = res["pauc_80_nested"]
+        nesting["pauc_80_nested"] = R.nesting(weights, "none", "none (ranks)", priors)
+    out["nesting"] = nesting
+    log.info("nested CV (weights%s, thresholds%s fitted without the fold scored): %.4f%s; per rule: "
+             "thresholds %.4f%s", " + priors" if tau else "", " + rule" if chosen else "", out["macro_dice_nested"],
+             f" (rules per fold {res['rules_per_fold']})" if chosen else "", out["macro_dice_tuned_cv_nested"],
+             f", argmax {out['macro_f1_argmax_nested']:.4f}" if task == "multiclass" else "")
+    return out, res
 
 
-def _bootstrap_se(train: pd.DataFrame, classes: list[str], res: dict, n_boot: int = 1000) -> dict:
-    """Standard error / 95% interval of the two nested estimates (argmax, tuned thresholds) over
-    class-stratified bootstrap draws of the OOF lesions (`lib.evaluation.bootstrap`)."""
-    y = train[[f"y_{c}" for c in classes]].to_numpy(np.float64)
-    out = {"n_boot": n_boot, "draws": "class-stratified"}
-    for name, dec in (("argmax", ensemble.argmax_decisions(res["probs"])), ("thresholds", res["decided_tuned"])):
-        b = bootstrap_macro_dice(y, dec, n_boot=n_boot, seed=0)
-        out[name] = {k: round(b[k], 4) for k in ("macro_dice", "se", "ci_low", "ci_high")}
-    log.info("honest CV uncertainty (%d class-stratified bootstrap draws of the OOF lesions): argmax %.4f +- %.4f, "
-             "tuned thresholds %.4f +- %.4f (SE)", n_boot, out["argmax"]["macro_dice"], out["argmax"]["se"],
-             out["thresholds"]["macro_dice"], out["thresholds"]["se"])
-    return out
-
-
-def _adjuster(s: dict, task: str, classes: list[str], train: pd.DataFrame):
-    """The logit adjustment `P -> P * prior ** -tau` (renormalized) of `submit.logit_adjust_tau`, or
-    None (tau 0, or not a multiclass task)."""
-    if s["logit_adjust_tau"] and task != "multiclass":
-        log.warning("submit.logit_adjust_tau is for multiclass tasks; ignored for this %s task", task)
-    if not s["logit_adjust_tau"] or task != "multiclass":
-        return None
-    priors = np.clip(train[[f"y_{c}" for c in classes]].to_numpy().mean(0), 1e-4, None)
-    return lambda P: ensemble.logit_adjust(P, priors, s["logit_adjust_tau"])
-
-
-def _logit_adjust(adjust, classes: list[str], oof: pd.DataFrame, te: pd.DataFrame | None) -> None:
-    if adjust is not None:
-        oof[classes] = adjust(oof[classes].to_numpy())
-        if te is not None:
-            te[classes] = adjust(te[classes].to_numpy())
+def _decide(s: dict, task: str, res: dict, honest: dict) -> dict:
+    """The submission's rule, chosen on all OOF rows (the deployment choice), and its expected score:
+    the fully nested figure (the rule re-chosen per fold on the other folds)."""
+    decision = D.deployment_rule(s["decision"], task, res)
+    expected = D.expected_score(decision, task, res)
+    key = "pauc_80_nested" if task == "binary" and decision == "raw" else "macro_dice_nested"
+    chosen_on = ("all OOF rows (the deployment choice: the nested argmax and thresholds estimates compared); "
+                 "expected_score re-chooses it for each fold on the other folds only (honest_cv.rules_per_fold)"
+                 if D.rule_is_chosen(s["decision"], task) else f"fixed (submit.decision {s['decision']}, {task} task)")
+    log.info("decision: %s, chosen on %s; expected score %.4f (%s)", decision, chosen_on.split(" (")[0], expected,
+             honest["nesting"][key])
+    return {"decision": decision, "decision_chosen_on": chosen_on, "expected_score": expected,
+            "expected_score_nesting": honest["nesting"][key]}
 
 
 def _submission(cfg: dict, info: dict, test: pd.DataFrame, te: pd.DataFrame, decision: str, thr: np.ndarray,
                 out: Path) -> None:
     """Bake the decision into the blended test probabilities and write the validated submission.csv."""
-    classes, task = info["classes"], info["task"]
+    classes = info["classes"]
     final = te.copy()
-    P = te[classes].to_numpy(float)
-    if decision == "thresholds":
-        final[classes] = ensemble.remap_to_threshold(P, thr)
-    elif decision == "argmax":
-        final[classes] = ensemble.argmax_remap(P)
+    final[classes] = D.bake(te[classes].to_numpy(float), decision, thr)
     key = cfg["data"]["generic"]["id_col"] if info["format"] == "generic" else None
-    sub = build_submission(final, classes, info["format"], task, key)
+    sub = build_submission(final, classes, info["format"], info["task"], key)
     write_submission(sub, test[ID].astype(str).tolist(), out / A.SUBMISSION)
     log.info("wrote %s (%d rows)", out / A.SUBMISSION, len(sub))
 
 
-def _decide(s: dict, task: str, cv: dict, honest: dict) -> tuple[str, float]:
-    """The decision (thresholds / argmax / raw) and its expected score: the nested honest estimate."""
-    # compare the two rules on the fully nested estimates (blend weights nested too), as they are reported
-    nested = {**cv, "macro_dice_tuned_cv": honest["macro_dice_tuned_cv_nested"]}
-    if "macro_f1_argmax_nested" in honest:
-        nested["macro_f1_argmax"] = honest["macro_f1_argmax_nested"]
-    decision = choose_decision(s["decision"], task, nested)
-    if task == "multiclass":
-        log.info("decision: %s (honest CV, blend weights nested: argmax %.4f vs tuned thresholds %.4f)", decision,
-                 nested["macro_f1_argmax"], nested["macro_dice_tuned_cv"])
-    else:
-        log.info("decision: %s (%s task; OOF %s)", decision, task,
-                 f"pAUC {cv['pauc_80']:.4f}" if task == "binary" else f"macro F1 tuned honest-CV {cv['macro_dice_tuned_cv']:.4f}")
-    expected = {"thresholds": honest["macro_dice_tuned_cv_nested"], "argmax": honest.get("macro_f1_argmax_nested"),
-                "raw": honest.get("pauc_80_nested", cv["macro_dice_05"])}[decision]
-    return decision, expected
+def _headline(metrics: dict, honest: dict, chosen: dict) -> dict:
+    """The report's headline: the OOF summary plus the nested figures with their standard errors."""
+    b, how = honest.get("bootstrap", {}), honest["nesting"]
+    out = {**metrics, "nesting": {**metrics["nesting"], "nested_expected": chosen["expected_score_nesting"]},
+           "nested_expected": chosen["expected_score"]}
+    for name, key, boot in (("argmax", "macro_f1_argmax_nested", "argmax"),
+                            ("thresholds", "macro_dice_tuned_cv_nested", "thresholds")):
+        if key in honest:
+            out[f"nested_{name}"], out["nesting"][f"nested_{name}"] = honest[key], how[key]
+            if boot in b:
+                out[f"nested_{name}_se"] = b[boot]["se"]
+    if "decision" in b and chosen["expected_score_nesting"] == how["macro_dice_nested"]:
+        out["nested_expected_se"] = b["decision"]["se"]
+    return out
 
 
 def _member_rows(cfg: dict, names: list[str], w: np.ndarray) -> list[dict]:
@@ -152,8 +111,8 @@ def _member_rows(cfg: dict, names: list[str], w: np.ndarray) -> list[dict]:
 
 
 def run(cfg: dict) -> dict:
-    """Stage 05: blend members, choose decisions on OOF, bake thresholds in, write the submission;
-    returns the cv.json document."""
+    """Stage 05: blend members, evaluate the decision nested, choose it on all OOF rows, bake it into the
+    test probabilities, write the submission; returns the cv.json document."""
 
     t0 = time.time()
     s = cfg["submit"]
@@ -165,19 +124,25 @@ def run(cfg: dict) -> dict:
     names = [m["exp"] for m in s["members"]]
     loaded = [load_member(cfg, n, train, test, classes, role="submit.members member") for n in names]
     oofs, tests = [o for o, _ in loaded], [t for _, t in loaded]
-    w, weights_info, per_fold = _weights(s, names, oofs, train, task)
+    w, weights_info, per_fold = ensemble.blend_weights(oofs, train, names, [m["weight"] for m in s["members"]],
+                                                       s["optimize_weights"], s["blend_metric"], task, s["blend"])
     oof = ensemble.blend(oofs, w, method=s["blend"])
     te = ensemble.blend(tests, w, method=s["blend"]) if test is not None else None
-    adjust = _adjuster(s, task, classes, train)
-    _logit_adjust(adjust, classes, oof, te)
-    metrics = R.cv_summary(train, oof, classes, task)
-    honest = _nested(s, task, classes, oofs, train, w, per_fold, metrics, adjust)
-    decision, expected = _decide(s, task, metrics, honest)
+    tau = D.adjust_tau(s["logit_adjust_tau"], task)
+    if tau:  # the deployment: priors from all training labels
+        adjust = D.logit_adjuster(tau, train[[f"y_{c}" for c in classes]].to_numpy())
+        oof[classes] = adjust(oof[classes].to_numpy())
+        if te is not None:
+            te[classes] = adjust(te[classes].to_numpy())
+    metrics = R.cv_summary(train, oof, classes, task, weights="not nested" if per_fold is not None else "fixed",
+                           priors="not nested" if tau else None, rule_chosen=D.rule_is_chosen(s["decision"], task))
+    honest, res = _honest(s, task, classes, oofs, train, w, per_fold, tau)
+    chosen = _decide(s, task, res, honest)
+    decision = chosen["decision"]
     thr = np.array([metrics["thresholds"][c] for c in classes])
     members = [{"exp": n, "weight": float(x)} for n, x in zip(names, w)]
     cv = A.cv_document("submit", cfg["exp"], task, metrics, submit={
-        "members": members, "weights": weights_info, "decision": decision, "expected_score": expected,
-        "honest_cv": honest})
+        "members": members, "weights": weights_info, **chosen, "honest_cv": honest})
     write_parquet(oof, out / A.OOF)
     if te is not None:
         write_parquet(te, out / A.TEST)
@@ -186,10 +151,8 @@ def run(cfg: dict) -> dict:
         _submission(cfg, info, test, te, decision, thr, out)
     else:
         log.warning("no test split: OOF blend and CV only, no submission.csv")
-    note = {"thresholds": "submitted probabilities are remapped per class so that the tuned threshold lands at 0.5",
-            "argmax": "submitted probabilities are remapped so that only the argmax class is above 0.5",
-            "raw": "blended probabilities submitted as they are; thresholds are for reference only"}[decision]
-    write_json({"decision": decision, "thresholds": metrics["thresholds"], "note": note}, out / A.THRESHOLDS)
+    write_json({"decision": decision, "thresholds": metrics["thresholds"], "note": D.NOTES[decision]},
+               out / A.THRESHOLDS)
     write_json(cv, out / A.CV)
     save_config(cfg, out)
     inputs = [A.input_record(cfg, A.prep_dir(cfg), "prep")]
@@ -198,11 +161,8 @@ def run(cfg: dict) -> dict:
         times = A.stage_times(cfg, inputs) + [{"number": A.STAGES["submit"][0], "stage": "submit",
                                                "exp": f"{cfg['exp']} (until this report)",
                                                "wall_seconds": time.time() - t0}]
-        b = honest.get("bootstrap", {})
-        headline = {**metrics, **{f"honest_{r}{k}": b[r][v] for r in ("argmax", "thresholds") if r in b
-                                  for k, v in (("", "macro_dice"), ("_se", "se"))}}
-        R.write_report(out, train, oof, classes, headline, metrics["thresholds"], decision,
-                       _member_rows(cfg, names, w), R.load_histories(Path(cfg["paths"]["output"]), names),
+        R.write_report(out, train, oof, classes, _headline(metrics, honest, chosen), metrics["thresholds"],
+                       decision, _member_rows(cfg, names, w), R.load_histories(Path(cfg["paths"]["output"]), names),
                        title=f"{cfg['exp']}: submission report", task=task, stage_times=times)
     A.write_manifest(cfg, out, "submit", inputs, time.time() - t0)
     return cv

@@ -32,7 +32,6 @@ from lightgbm import LGBMClassifier, early_stopping
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
@@ -41,6 +40,7 @@ from lib.config.schema import STACK_DEFAULTS, STACK_HEADS
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_unique_ids
 from lib.core.progress import progress
+from lib.core.scoring import argmax_onehot, macro_dice
 
 log = logging.getLogger(__name__)
 
@@ -370,9 +370,8 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
                                          "head": h, "gain": gains.ravel(), "fold": k}))
             p = sum(w[h] * oof[h][va] for h in heads)
             yt = y_all[va]
-            f1 = (f1_score(yt.argmax(1), p.argmax(1), labels=range(c_n), average="macro", zero_division=0)
-                  if cfg["renorm"] else  # per-class F1 of the positives at > 0.5 (binary: the positive class)
-                  float(np.mean([f1_score(yt[:, c], p[:, c] > 0.5, zero_division=0) for c in range(c_n)])))
+            # logged only: macro F1 (the official Dice, lib.core.scoring) of argmax decisions (renorm) or p > 0.5
+            f1 = macro_dice(yt, argmax_onehot(p) if cfg["renorm"] else p)
             log.info("stack fold %d: %d train / %d valid rows, macro F1 %.4f", k, (~va).sum(), va.sum(), f1)
 
     def table(p: np.ndarray, rid: np.ndarray) -> pd.DataFrame:

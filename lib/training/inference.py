@@ -14,6 +14,7 @@ from lib.core.artifacts import CHECKPOINT_VERSION, fold_dir
 from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import ID, assert_same_ids, write_json, write_parquet
 from lib.core.progress import progress
+from lib.core.scoring import dice_per_class
 from lib.training import distributed as D
 from lib.training.data import (
     LesionDataset,
@@ -33,13 +34,6 @@ def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
     return (torch.softmax(z, 1) if task == "multiclass" else torch.sigmoid(z)).numpy()
 
 
-def dice_per_class(y: np.ndarray, hot: np.ndarray) -> np.ndarray:
-    """Per-class Dice (= F1) of 0/1 decisions; 1.0 for a class absent from truth and decisions."""
-    t, p = np.asarray(y) > 0.5, np.asarray(hot) > 0.5
-    den = t.sum(0) + p.sum(0)
-    return np.where(den == 0, 1.0, 2.0 * (t & p).sum(0) / np.maximum(den, 1))
-
-
 def f1_scores(y: np.ndarray, logits: np.ndarray, task: str) -> tuple[float, np.ndarray]:
     """(macro F1, per-class F1) of argmax decisions (multiclass) or sigmoid > 0.5 (multilabel, binary)."""
     logits = np.asarray(logits)
@@ -47,7 +41,7 @@ def f1_scores(y: np.ndarray, logits: np.ndarray, task: str) -> tuple[float, np.n
         hot = probabilities(logits, task) > 0.5
     else:
         hot = np.eye(logits.shape[1], dtype=bool)[logits.argmax(1)]
-    per = dice_per_class(y, hot)
+    per = dice_per_class(y, hot)  # the official rule (lib.core.scoring)
     return float(per.mean()), per
 
 

@@ -123,7 +123,7 @@ def test_gpu_recipe_runs_on_cpu_with_tiny_settings(tmp_path: Path) -> None:
     _run(["05_submit.py", "-c", f"{gpu}/submit.yaml", *data], out)
     cv = json.loads((out / "gpu_submit" / "cv.json").read_text())
     assert [m["exp"] for m in cv["submit"]["members"]] == ["gpu_stack", "gpu_fusion_lite2", "gpu_derm_sklesion"]
-    assert {"macro_dice_tuned_cv_old", "macro_dice_tuned_cv_nested"} <= set(cv["submit"]["honest_cv"])
+    assert {"macro_dice_nested", "macro_dice_tuned_cv_nested"} <= set(cv["submit"]["honest_cv"])
     assert json.loads((out / "gpu_fusion_lite2" / "cv.json").read_text())["training"]["weights_for_oof"] == ["EMA"]
     sub = pd.read_csv(out / "gpu_submit" / "submission.csv")
     assert len(sub) == 32

@@ -1,13 +1,12 @@
-"""lib.ensemble: threshold tuning, threshold-baking remaps, blending and weight search."""
+"""lib.evaluation.ensemble: blending, weight search and the nested CV of the whole 05 decision."""
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from lib.core.errors import PipelineError
+from lib.evaluation import decision as D
 from lib.evaluation import ensemble as E
 from lib.evaluation import metrics as M
 
@@ -22,97 +21,6 @@ def _shifted_case(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray]:
     centre = np.array([[0.15, 0.35], [0.35, 0.65], [0.6, 0.85]])  # (negative, positive) means
     P = np.clip(centre[:, 0] + Y * (centre[:, 1] - centre[:, 0]) + rng.normal(0, 0.1, (n, 3)), 0, 1)
     return Y, P
-
-
-def test_tuned_thresholds_beat_half():
-    Y, P = _shifted_case()
-    t = E.tune_thresholds(Y, P)
-    assert M.macro_dice(Y, P, t) > M.macro_dice(Y, P) + 0.1
-    assert t[0] < 0.4 and t[2] > 0.6
-
-
-def test_per_class_tuning_is_the_joint_optimum():
-    Y, P = _shifted_case(1, n=200)
-    grid = np.linspace(0.05, 0.95, 19)
-    joint = max(M.macro_dice(Y, P, np.array(ts)) for ts in itertools.product(grid, repeat=3))
-    assert M.macro_dice(Y, P, E.tune_thresholds(Y, P, grid, min_positives=1)) == pytest.approx(joint)
-
-
-def test_dice_curve_matches_dice_per_class():
-    Y, P = _shifted_case(2, n=150)
-    P = np.round(P, 2)  # values exactly on grid points
-    grid = E.threshold_grid()
-    curve = E.dice_curve(Y[:, 1], P[:, 1], grid)
-    ref = [M.dice_per_class(Y[:, 1:2], P[:, 1:2], t)[0] for t in grid]
-    np.testing.assert_allclose(curve, ref)
-
-
-def test_few_positives_and_shrink_guards():
-    Y, P = _shifted_case()
-    Y[:, 0], Y[:4, 0] = 0.0, 1.0  # class 0: 4 positives
-    t = E.tune_thresholds(Y, P, min_positives=10)
-    assert t[0] == 0.5 and t[2] != 0.5
-    n2 = Y[:, 2].sum()
-    t_s = E.tune_thresholds(Y, P, min_positives=10, shrink=n2)
-    assert t_s[2] == pytest.approx(0.5 + (t[2] - 0.5) / 2)
-
-
-def test_remap_decision_equivalence_and_ranking():
-    rng = np.random.default_rng(0)
-    t = np.array([0.07, 0.5, 0.33, 0.9300000000000001, 0.1 + 0.2])
-    around = np.concatenate([[ti, np.nextafter(ti, 0), np.nextafter(ti, 1)] for ti in t])
-    P = np.concatenate([rng.random((400, 5)), np.tile(around[:, None], (1, 5)),
-                        np.array([[0.0] * 5, [1.0] * 5])])
-    Q = E.remap_to_threshold(P, t)
-    np.testing.assert_array_equal(P > t, Q > 0.5)
-    assert Q.min() >= 0.0 and Q.max() <= 1.0
-    for c in range(5):
-        order = np.argsort(P[:, c], kind="stable")
-        dp, dq = np.diff(P[order, c]), np.diff(Q[order, c])
-        assert (dq >= 0).all() and (dq[dp > 1e-9] > 0).all()
-    # AUC is unchanged (points 1 ulp apart may merge: more floats lie in [t, 1] than in [0.5, 1])
-    R = np.concatenate([rng.random((400, 5)), np.tile(t, (5, 1))])
-    y = (rng.random(R.shape) < R).astype(float)
-    S = E.remap_to_threshold(R, t)
-    np.testing.assert_allclose(M.auc_per_class(y, S), M.auc_per_class(y, R), rtol=0, atol=1e-15)
-    assert M.macro_dice(y, S) == M.macro_dice(y, R, t)
-    with pytest.raises(PipelineError):
-        E.remap_to_threshold(P, np.array([0.0, 0.5, 0.5, 0.5, 1.0]))
-
-
-def test_argmax_remap_gives_argmax_decisions():
-    rng = np.random.default_rng(1)
-    P = rng.dirichlet(np.ones(4), 300)
-    P[0] = [0.4, 0.4, 0.1, 0.1]  # tie: first index wins
-    P[1] = [0.0, 0.0, 0.0, 0.0]
-    Q = E.argmax_remap(P)
-    np.testing.assert_array_equal(Q > 0.5, E.argmax_decisions(P) > 0)
-    assert (Q > 0.5).sum(axis=1).tolist() == [1] * len(P) and Q[0, 0] > 0.5 and Q[1, 0] > 0.5
-    y = M.to_onehot(rng.integers(0, 4, 300), 4)
-    assert M.macro_dice(y, Q) == pytest.approx(M.macro_f1_argmax(y, P))
-
-
-def test_foldwise_honest_cv_not_above_tuned():
-    Y, P = _shifted_case(3, n=500)
-    P = np.clip(P + np.random.default_rng(3).normal(0, 0.15, P.shape), 0, 1)  # noisy: overfit shows
-    folds = np.arange(len(Y)) % 5
-    r = E.foldwise_threshold_spread(Y, P, folds, CLASSES, min_positives=1)
-    pf = r["per_fold"]
-    assert len(pf) == 5 and (pf["dice_cv"] <= pf["dice_infold"] + 1e-12).all()
-    assert r["cv_dice_pooled"] <= r["pooled_dice_tuned"]
-    assert r["cv_dice_pooled"] > r["pooled_dice_05"]  # the tuned cuts still help honestly here
-    assert r["thresholds_cv"].shape == (5, 3) and list(r["thresholds_cv"].columns) == CLASSES
-    assert r["threshold_std"].shape == (3,) and (r["threshold_std"] > 0).any()
-
-
-def test_logit_adjust():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(20, 3))
-    P = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    pri = np.array([0.7, 0.2, 0.1])
-    ref = np.exp(logits - 0.5 * np.log(pri))
-    np.testing.assert_allclose(E.logit_adjust(P, pri, 0.5), ref / ref.sum(axis=1, keepdims=True))
-    np.testing.assert_allclose(E.logit_adjust(P, pri, 0.0), P)
 
 
 def _table(P: np.ndarray, ids: list[str]) -> pd.DataFrame:
@@ -205,7 +113,7 @@ def test_nested_blend_cv_keeps_a_fold_out_of_its_own_weights():
     np.testing.assert_allclose(res["weights_per_fold"][0], other / other.sum())
     # the thresholds-only estimate (weights tuned on every fold) is optimistic; the nested one is not
     blended = E.blend(tables, opt["fold_avg"])
-    old = E.foldwise_threshold_spread(Y, blended[CLASSES].to_numpy(), folds)["cv_dice_pooled"]
+    old = D.foldwise_threshold_spread(Y, blended[CLASSES].to_numpy(), folds)["cv_dice_pooled"]
     assert res["macro_dice_tuned_nested"] < old - 0.02
     m0 = folds == 0
     assert M.macro_dice(Y[m0], res["probs"][m0] > 0.5) < M.macro_dice(Y[m0], blended[CLASSES].to_numpy()[m0] > 0.5)
@@ -214,7 +122,7 @@ def test_nested_blend_cv_keeps_a_fold_out_of_its_own_weights():
 def test_nested_blend_cv_with_one_member_equals_the_thresholds_only_estimate():
     truth, tables, Y, folds = _members_with_a_fold_leak(seed=2)
     res = E.nested_blend_cv(tables[:1], truth, None)
-    old = E.foldwise_threshold_spread(Y, tables[0][CLASSES].to_numpy(), folds)["cv_dice_pooled"]
+    old = D.foldwise_threshold_spread(Y, tables[0][CLASSES].to_numpy(), folds)["cv_dice_pooled"]
     assert res["macro_dice_tuned_nested"] == pytest.approx(old)
     assert res["macro_f1_argmax_nested"] == pytest.approx(M.macro_f1_argmax(Y, tables[0][CLASSES].to_numpy()))
     assert res["macro_dice_tuned_nested"] == pytest.approx(M.macro_dice(Y, res["decided_tuned"]))  # the decisions it scored
@@ -231,3 +139,59 @@ def test_fold_average_gap_sees_smoother_test_probabilities():
     assert gap["A"]["test_above_threshold"] < gap["A"]["oof_above_threshold"]        # a high cut loses positives
     same = E.fold_average_gap(oof, oof, np.full(3, 0.5), CLASSES)
     assert all(same[c]["std_ratio"] == pytest.approx(1.0) for c in CLASSES)
+
+
+def _rule_split_case(seed: int = 0, n: int = 100):
+    """Folds 0-1: independent per-class scores whose good cuts lie far from 0.5 (thresholds win there);
+    folds 2-4: softmax probabilities (argmax wins there). All rows together favour thresholds, but
+    leaving out a fold tips the other folds' choice: a rule chosen on all rows is not the nested one."""
+    rng = np.random.default_rng(seed)
+    folds = np.repeat(np.arange(5), n)
+    y = M.to_onehot(rng.choice(3, 5 * n, p=[0.2, 0.5, 0.3]), 3)
+    centre = np.array([[0.15, 0.35], [0.35, 0.65], [0.6, 0.85]])
+    independent = np.clip(centre[:, 0] + y * (centre[:, 1] - centre[:, 0]) + rng.normal(0, 0.12, y.shape), 0, 1)
+    logits = rng.normal(0, 1, y.shape) + 1.6 * y
+    probs = np.where((folds < 2)[:, None], independent, np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
+    ids = [f"L{i}" for i in range(len(y))]
+    truth = pd.DataFrame({"lesion_id": ids, "fold": folds, **{f"y_{c}": y[:, i] for i, c in enumerate(CLASSES)}})
+    return truth, [_table(probs, ids)], y, probs, folds
+
+
+def test_nested_blend_cv_chooses_the_rule_of_each_fold_on_the_other_folds_only():
+    """Issue 27.1: the argmax-vs-thresholds choice is part of what is nested. Each fold's rule is the one
+    the other folds prefer (thresholds scored with inner-nested cuts), computed here by hand."""
+    truth, tables, y, probs, folds = _rule_split_case()
+    res = E.nested_blend_cv(tables, truth, None, asked="auto", task="multiclass")
+    want, decided = {}, np.zeros_like(y)
+    for k in range(5):
+        o = folds != k
+        inner = np.zeros_like(y)
+        for j in set(range(5)) - {k}:
+            fit, m = o & (folds != j), folds == j
+            inner[m] = probs[m] > D.tune_thresholds(y[fit], probs[fit])
+        thr_score, arg_score = M.macro_dice(y[o], inner[o]), M.macro_f1_argmax(y[o], probs[o])
+        want[k] = "thresholds" if thr_score >= arg_score else "argmax"
+        decided[folds == k] = (probs[folds == k] > D.tune_thresholds(y[o], probs[o]) if want[k] == "thresholds"
+                               else D.argmax_decisions(probs[folds == k]))
+    assert res["rules_per_fold"] == want
+    assert set(want.values()) == {"argmax", "thresholds"}  # the planted case: the folds disagree
+    assert D.deployment_rule("auto", "multiclass", res) == "thresholds"  # while all rows pick one rule
+    assert res["macro_dice_nested"] == pytest.approx(M.macro_dice(y, decided))
+    # choosing on all rows and reporting the larger figure overstates the nested figure here
+    assert res["macro_dice_nested"] < max(res["macro_dice_tuned_nested"], res["macro_f1_argmax_nested"]) - 0.02
+    fixed = E.nested_blend_cv(tables, truth, None, asked="thresholds", task="multiclass")
+    assert set(fixed["rules_per_fold"].values()) == {"thresholds"}
+    assert fixed["macro_dice_nested"] == pytest.approx(fixed["macro_dice_tuned_nested"])
+
+
+def test_nested_blend_cv_takes_the_priors_of_each_fold_from_the_other_folds():
+    """Issue 27.2: with a logit adjustment, fold k's blend is adjusted with the class priors of the
+    other folds' labels (here they differ by fold), not with the priors of all labels."""
+    truth, tables, y, probs, folds = _rule_split_case(seed=1)
+    res = E.nested_blend_cv(tables, truth, None, tau=1.0, asked="argmax")
+    want = np.zeros_like(probs)
+    for k in range(5):
+        m = folds == k
+        want[m] = D.logit_adjust(probs[m], D.class_priors(y[~m]), 1.0)
+    np.testing.assert_allclose(res["probs"], want)
+    assert not np.allclose(want, D.logit_adjust(probs, D.class_priors(y), 1.0))

@@ -146,7 +146,7 @@ def test_auc_nan_for_degenerate_class():
     assert M.macro_auc(Y, np.array([[.9, .1], [.8, .2], [.1, .3]])) == 1.0
 
 
-def test_macro_f1_argmax_and_multilabel_f1():
+def test_macro_f1_argmax_and_thresholded_macro_dice():
     rng = np.random.default_rng(0)
     labels = np.concatenate([np.arange(4), rng.integers(0, 4, 96)])
     P = rng.random((100, 4)) + 0.5 * M.to_onehot(labels, 4)
@@ -156,7 +156,7 @@ def test_macro_f1_argmax_and_multilabel_f1():
     Ym = (rng.random((100, 4)) < 0.3).astype(float)
     t = np.array([0.3, 0.5, 0.6, 0.7])
     ref = f1_score(Ym, (P > t).astype(int), average="macro", zero_division=1.0)
-    assert M.multilabel_macro_f1(Ym, P, t) == pytest.approx(ref)
+    assert M.macro_dice(Ym, P, t) == pytest.approx(ref)
 
 
 def test_topk_accuracy():

@@ -112,15 +112,6 @@ def test_write_report_bad_input(tmp_path: Path) -> None:
         R.write_report(tmp_path, train, oof, CLASSES, cv, {"AKIEC": 0.3}, "thresholds", [], None, "x")
 
 
-def test_decide_labels() -> None:
-    P = np.array([[0.5, 0.3, 0.2], [0.4, 0.35, 0.25], [0.2, 0.2, 0.6]])
-    t = np.array([0.6, 0.2, 0.1])
-    # row 0: B (1.5) and C (2.0) clear -> C; row 1: B 1.75 vs C 2.5 -> C; row 2: C
-    np.testing.assert_array_equal(R.decide_labels(P, t), [2, 2, 2])
-    np.testing.assert_array_equal(R.decide_labels(P, np.full(3, 0.9)), [0, 0, 2])  # none clear -> argmax
-    np.testing.assert_array_equal(R.decide_labels(P), [0, 0, 2])
-
-
 def test_load_histories(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     h = _histories()["expA/fold0"]
     for k in (0, 2, 10):
@@ -171,3 +162,27 @@ def test_cv_summary_multilabel_reports_topk() -> None:
     assert cv["top3_accuracy"] == pytest.approx(M.topk_accuracy(Y, P, 3))
     assert "macro_f1_argmax" not in cv and cv["macro_dice_tuned_pooled"] >= cv["macro_dice_05"] - 1e-9
 
+
+
+def test_every_figure_says_what_was_nested_and_only_fully_nested_ones_are_honest(tmp_path: Path) -> None:
+    """Issue 27.4: cv.json's `nesting` labels every figure with how its weights, (priors,) thresholds and
+    decision were fitted; report.md's headline shows the label; `honest` only where nothing saw the rows."""
+    train, oof = _case()
+    single = R.cv_summary(train, oof, CLASSES)  # 02 / 04: one model, each figure scores a fixed rule
+    assert set(R.FIGURES) & set(single) == set(single["nesting"])
+    assert single["nesting"]["macro_dice_tuned_cv"] == \
+        "weights fixed, thresholds nested, decision fixed (thresholds): honest"
+    assert single["nesting"]["macro_dice_tuned_pooled"].endswith("thresholds not nested, decision fixed "
+                                                                  "(thresholds): not honest")
+    assert single["nesting"]["per_fold"].endswith(": not honest")  # holds the in-fold column
+    blend = R.cv_summary(train, oof, CLASSES, weights="not nested", priors="not nested", rule_chosen=True)
+    assert all(v.endswith(": not honest") for v in blend["nesting"].values())
+    assert blend["nesting"]["macro_f1_argmax"] == ("weights not nested, priors not nested, thresholds none, "
+                                                   "decision per rule (argmax): not honest")
+    assert R.nesting("nested", "nested", "nested", "nested").endswith(": honest")
+    assert R.nesting("nested", "nested", "per rule (thresholds)").endswith(": not honest")
+    md = R.write_report(tmp_path, train, oof, CLASSES, blend, {}, "thresholds", [], None, "T").read_text()
+    head = md.split("## Headline (OOF)", 1)[1].split("##", 1)[0]
+    rows = [r for r in head.splitlines() if r.startswith("| ") and "---" not in r][1:]
+    assert rows and all(r.rstrip(" |").endswith("not honest") for r in rows)
+    assert "honest CV" not in md and "Fitted how: F1 argmax: weights not nested" in md

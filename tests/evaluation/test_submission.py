@@ -91,17 +91,3 @@ def test_build_submission_layouts():
     assert list(b.columns) == ["isic_id", "target"] and b["target"].tolist() == [0.01, 0.9]
     S.validate_submission(b, ["ISIC_2", "ISIC_1"], ["target"], "isic_id")
     assert S.id_column("unknown_fmt") == "lesion_id"
-
-
-def test_choose_decision_by_task():
-    cv = {"macro_dice_tuned_cv": 0.5, "macro_f1_argmax": 0.6}
-    assert S.choose_decision("auto", "multiclass", cv) == "argmax"
-    assert S.choose_decision("auto", "multiclass", {**cv, "macro_f1_argmax": 0.4}) == "thresholds"
-    assert S.choose_decision("auto", "binary", {"macro_dice_tuned_cv": 0.3}) == "raw"
-    assert S.choose_decision("auto", "multilabel", {"macro_dice_tuned_cv": 0.3}) == "thresholds"
-    assert S.choose_decision("thresholds", "binary", {}) == "thresholds"
-    with pytest.raises(PipelineError, match="needs a multiclass task"):
-        S.choose_decision("argmax", "multilabel", {})
-    with pytest.raises(PipelineError, match="unknown"):
-        S.choose_decision("best", "multiclass", cv)
-

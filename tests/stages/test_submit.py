@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -13,11 +14,18 @@ from lib.core import artifacts as A
 from lib.core.errors import MissingArtifactError
 from lib.core.io import read_json
 from lib.data.dataset import load_dataset
+from lib.evaluation import decision as D
+from lib.evaluation import metrics as M
 from lib.stages import submit
 from tests.stages.conftest import stage_cfg
 
 COMMON = {"schema_version", "stage", "exp", "task", "n", "macro_dice_05", "macro_dice_tuned_cv", "thresholds",
           "per_fold"}
+
+
+def md_head(out: Path) -> str:
+    """The headline section of report.md."""
+    return (out / A.REPORT).read_text().split("## Headline (OOF)", 1)[1].split("##", 1)[0]
 
 
 def _submit_cfg(out: Path, exp: str, members: list[str], **kw: object) -> dict:
@@ -41,6 +49,19 @@ def test_submit_writes_test_parquet_cv_manifest_and_stage_times(preps: Path, mak
     assert cv["schema_version"] == A.CV_SCHEMA_VERSION and "macro_f1_argmax" in cv
     assert [m["exp"] for m in cv["submit"]["members"]] == ["m_a", "m_b"]
     assert cv["submit"]["decision"] in ("argmax", "thresholds")
+    # issue 27.1 / 27.4: the expected score is the fully nested figure (rule re-chosen per fold), labelled
+    # honest; the rule itself was chosen on all OOF rows (the deployment choice), and cv.json says so
+    sub, h = cv["submit"], cv["submit"]["honest_cv"]
+    assert sub["expected_score"] == h["macro_dice_nested"] and set(map(int, h["rules_per_fold"])) == {0, 1, 2, 3, 4}
+    assert sub["decision_chosen_on"].startswith("all OOF rows") and "rules_per_fold" in sub["decision_chosen_on"]
+    assert sub["expected_score_nesting"] == "weights nested, thresholds nested, decision nested: honest"
+    assert h["nesting"]["macro_dice_tuned_cv_nested"].endswith("decision per rule (thresholds): not honest")
+    assert cv["nesting"]["macro_dice_tuned_cv"].startswith("weights not nested")  # weights tuned on all folds
+    assert not any(k.endswith("_old") for k in h)
+    honest_rows = [r for r in md_head(out).splitlines() if r.endswith(": honest |")]
+    assert [r.split(" | ")[0] for r in honest_rows] == ["| 05's expected score: the submission's rule, everything "
+                                                        "fitted without the fold it scores", "|   its standard error "
+                                                        "(class-stratified bootstrap of the OOF lesions)"]
 
     man = read_json(out / A.MANIFEST)
     assert man["stage"] == "submit" and man["exp"] == "sub" and man["folds_sha1"] == A.folds_sha1(cfg)
@@ -88,34 +109,39 @@ def test_submit_output_is_itself_a_member(preps: Path, make_member) -> None:
     assert "| 05 submit | sub_c |" in md and "| 02 train | m_c |" in md
 
 
-def test_logit_adjust_enters_the_nested_estimate(preps: Path, make_member) -> None:
-    """With `submit.logit_adjust_tau`, the honest (nested) estimate decides on the adjusted blend too:
-    one member, fixed weights -> nested argmax == the adjusted OOF argmax, and it differs from tau 0."""
+def test_logit_adjust_enters_the_nested_estimate_with_priors_from_the_other_folds(preps: Path, make_member) -> None:
+    """With `submit.logit_adjust_tau`, the nested estimate decides on the adjusted blend too, and the
+    priors of fold k come from the other folds' labels only (issue 27.2): one member, so the nested
+    argmax equals the argmax of the OOF adjusted fold by fold, not with the priors of all labels."""
     base = stage_cfg(preps, "m")
     make_member(base, "m_t", seed=3)
     cvs = {}
     for tau in (0.0, 2.0):
         cfg = stage_cfg(preps, f"sub_tau{tau}", "submit.members=[m_t]", f"submit.logit_adjust_tau={tau}")
         cvs[tau] = submit.run(cfg)
-    for cv in cvs.values():
-        h = cv["submit"]["honest_cv"]
-        assert h["macro_f1_argmax_nested"] == pytest.approx(cv["macro_f1_argmax"])
-        # the uncertainty of each nested estimate: the same point value, a positive SE, an interval around it
+    _, train, _ = load_dataset(cfg)
+    classes = list(pd.read_parquet(preps / "sub_tau0.0" / A.OOF).columns[1:])
+    y = train[[f"y_{c}" for c in classes]].to_numpy(float)
+    raw = pd.read_parquet(preps / "sub_tau0.0" / A.OOF).set_index("lesion_id").loc[train["lesion_id"], classes].to_numpy()
+    folds = train["fold"].to_numpy()
+    per_fold = np.zeros_like(raw)
+    for k in np.unique(folds):
+        m = folds == k
+        assert not np.allclose(D.class_priors(y[~m]), D.class_priors(y))  # priors differ between folds
+        per_fold[m] = D.logit_adjust(raw[m], D.class_priors(y[~m]), 2.0)
+    everywhere = D.logit_adjust(raw, D.class_priors(y), 2.0)
+    h0, h2 = cvs[0.0]["submit"]["honest_cv"], cvs[2.0]["submit"]["honest_cv"]
+    assert h0["macro_f1_argmax_nested"] == pytest.approx(cvs[0.0]["macro_f1_argmax"])
+    assert h2["macro_f1_argmax_nested"] == pytest.approx(M.macro_dice(y, D.argmax_decisions(per_fold)))
+    assert M.macro_dice(y, D.argmax_decisions(per_fold)) != pytest.approx(M.macro_dice(y, D.argmax_decisions(everywhere)))
+    assert cvs[2.0]["macro_f1_argmax"] == pytest.approx(M.macro_dice(y, D.argmax_decisions(everywhere)))  # deployment
+    assert h2["priors_nested"] and "priors nested" in h2["nesting"]["macro_f1_argmax_nested"]
+    assert "priors not nested" in cvs[2.0]["nesting"]["macro_f1_argmax"]
+    for h in (h0, h2):  # the uncertainty of each nested estimate: same point value, a positive SE, an interval
         b = h["bootstrap"]
-        for rule, point in (("argmax", h["macro_f1_argmax_nested"]), ("thresholds", h["macro_dice_tuned_cv_nested"])):
+        for rule, point in (("argmax", h["macro_f1_argmax_nested"]), ("thresholds", h["macro_dice_tuned_cv_nested"]),
+                            ("decision", h["macro_dice_nested"])):
             assert b[rule]["macro_dice"] == pytest.approx(point, abs=1e-4) and b[rule]["se"] > 0
             assert b[rule]["ci_low"] <= b[rule]["macro_dice"] <= b[rule]["ci_high"]
-    assert cvs[2.0]["macro_f1_argmax"] != pytest.approx(cvs[0.0]["macro_f1_argmax"])
     md = (preps / "sub_tau2.0" / A.REPORT).read_text()
-    se = cvs[2.0]["submit"]["honest_cv"]["bootstrap"]["argmax"]["se"]
-    assert "honest CV with the blend weights nested" in md and f"{se:.4f}" in md
-
-
-def test_auto_decision_compares_the_nested_estimates() -> None:
-    """Thresholds look better when only they are nested (0.51 > 0.50) but worse once the blend
-    weights are nested too (0.49 < 0.50): auto must pick argmax and expect the nested argmax."""
-    cv = {"macro_f1_argmax": 0.50, "macro_dice_tuned_cv": 0.51, "macro_dice_05": 0.4}
-    honest = {"macro_dice_tuned_cv_nested": 0.49, "macro_f1_argmax_nested": 0.50}
-    assert submit._decide({"decision": "auto"}, "multiclass", cv, honest) == ("argmax", 0.50)
-    honest["macro_dice_tuned_cv_nested"] = 0.505
-    assert submit._decide({"decision": "auto"}, "multiclass", cv, honest) == ("thresholds", 0.505)
+    assert f"{h2['bootstrap']['argmax']['se']:.4f}" in md and "blend weights and priors from the other folds" in md

@@ -258,3 +258,24 @@ def test_patient_features_need_grouped_folds_and_test_patients():
     te = pd.DataFrame({"lesion_id": ["t"]})
     with pytest.raises(PipelineError, match="test table has no patient column"):
         stack_stage._add_patient_features({}, {"group": "group"}, tr, te, tr, te, {})
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_fold_f1_log_is_the_official_dice(renorm, caplog):
+    """The per-fold macro F1 the stacker logs is lib.core.scoring's Dice (a class absent from the truth
+    and never predicted scores 1, as the ISIC scorer; sklearn's zero_division=0 scored it 0)."""
+    from lib.core.scoring import argmax_onehot, macro_dice
+    df, test, blocks, classes, _ = make_data()
+    ycols = [f"y_{c}" for c in classes]
+    df = df[df[f"y_{classes[3]}"] < 0.5].reset_index(drop=True)  # class 3 in no row: never true, never predicted
+    with caplog.at_level(logging.INFO, logger="lib.tabular.stackers"):
+        res = stack.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"], renorm=renorm))
+    logged = {int(m.split("stack fold ")[1].split(":")[0]): float(m.rsplit("macro F1 ", 1)[1])
+              for m in caplog.messages if m.startswith("stack fold ")}
+    p = probs(res.oof, classes)
+    for k, f1 in logged.items():
+        m = (df["fold"] == k).to_numpy()
+        dec = argmax_onehot(p[m]) if renorm else p[m]
+        assert f1 == pytest.approx(macro_dice(df.loc[m, ycols].to_numpy(), dec), abs=5e-5)
+    assert sorted(logged) == [0, 1, 2, 3, 4]
+    assert (p[:, 3] <= 0.5).all() and (argmax_onehot(p)[:, 3] == 0).all()
