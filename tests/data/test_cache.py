@@ -141,6 +141,20 @@ def test_build_cache_skips_up_to_date_files(tmp_path):
     assert all(after[d] == mt[d] for i, (_, d) in enumerate(jobs) if i != 1)
 
 
+def test_build_cache_workers_0_means_the_usable_cores(tmp_path, monkeypatch):
+    def no_pool(n):
+        raise AssertionError(f"a pool of {n} processes for 1 usable core")
+
+    monkeypatch.setattr(K, "cpu_count", lambda: 1)
+    monkeypatch.setattr(K, "ProcessPoolExecutor", no_pool)
+    jobs = jobs_for(tmp_path, n=2)
+    K.build_cache(jobs, cfg(), workers=0)               # one usable core: decoded in this process
+    assert all(os.path.exists(d) for _, d in jobs)
+    monkeypatch.setattr(K, "cpu_count", lambda: 3)
+    with pytest.raises(AssertionError, match="a pool of 3 processes"):
+        K.build_cache(jobs_for(tmp_path / "b", n=2), cfg(), workers=0)
+
+
 def test_build_cache_reports_every_bad_file(tmp_path):
     jobs = jobs_for(tmp_path, n=2)
     bad = []
