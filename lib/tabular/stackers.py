@@ -163,7 +163,7 @@ def _fold_features(xtr: pd.DataFrame, others: list[pd.DataFrame], blocks: dict[s
     return mats, names
 
 
-def _inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
+def inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
                  groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (positive/negative) split of training-fold positions into (fit, early-stop valid).
 
@@ -174,7 +174,7 @@ def _inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
         ug, inv = np.unique(np.asarray(groups), return_inverse=True)
         gy = np.zeros(len(ug))
         np.maximum.at(gy, inv, y)
-        _, gval = _inner_split(gy, frac, rng)
+        _, gval = inner_split(gy, frac, rng)
         mask = np.isin(inv, gval)
         return np.flatnonzero(~mask), np.flatnonzero(mask)
     valid = [rng.choice(g, min(len(g) - 1, max(1, round(frac * len(g)))), replace=False)
@@ -218,7 +218,7 @@ def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: li
                     head, tag, pos, n, prior)
         return [np.full(len(x), prior) for x in xpred], np.zeros(xtr.shape[1])
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
-    fit_i, es_i = _inner_split(y, hp["inner_valid_frac"], rng, groups)
+    fit_i, es_i = inner_split(y, hp["inner_valid_frac"], rng, groups)
     if y[es_i].sum() == 0 or y[es_i].sum() == len(es_i):  # cannot early-stop on one label
         log.warning("stack %s %s: %d positive(s) only; no early stopping, %d rounds",
                     head, tag, pos, min(hp["n_estimators"], hp["fallback_rounds"]))

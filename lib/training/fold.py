@@ -1,7 +1,7 @@
 """Fold training of image and fusion models (see 02_train_fold.py).
 
 Per fold k (rows with `fold == k` are validation, the rest train):
-- model `lib.models.build_model` on `train.model`, heads seeded by (seed, fold); optional
+- model `lib.vision.models.build_model` on `train.model`, heads seeded by (seed, fold); optional
   stochastic depth, freezing of the stem + first `freeze_blocks` blocks (their BN kept in eval),
   `bn: frozen` (every BN uses running statistics; affine parameters still learn);
 - AdamW with layer-wise LR decay (encoder block i of L gets lr * layer_decay ** (L - i); heads lr),
@@ -19,7 +19,7 @@ Per fold k (rows with `fold == k` are validation, the rest train):
   (seed, fold, epoch); every augmentation and modality/concept-dropout draw is seeded by
   (seed, fold, epoch, row), so results do not depend on DataLoader workers or on the number of
   processes, and a resumed run repeats the interrupted one;
-- data parallel (`torchrun`, see lib/distributed.py): each global micro-batch of `batch_size` rows
+- data parallel (`torchrun`, see lib/training/distributed.py): each global micro-batch of `batch_size` rows
   is split into contiguous per-rank slices of batch_size / world; the DDP gradient mean equals the
   one-process gradient for per-sample-mean losses (all but `soft_f1`/`focal_soft_f1`, whose batch
   statistic is per rank) when the model has no batch-dependent randomness (dropout, drop path) and
@@ -39,7 +39,7 @@ rows), test_logits.parquet, model.pt (`format_version`, the OOF weights + what i
 the model, and `spec`: the encoder's full preprocessing spec at `train.img_size`, JSON-able),
 config.yaml, summary.json (marks the fold done). When every fold is done: `<output>/<exp>/oof.parquet`
 and `test.parquet` (probabilities: softmax, or sigmoid for multilabel / binary, of the TTA-averaged logits;
-test averaged over folds) and cv.json (lib.report.cv_summary + training notes).
+test averaged over folds) and cv.json (lib.evaluation.report.cv_summary + training notes).
 """
 from __future__ import annotations
 

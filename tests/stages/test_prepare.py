@@ -1,4 +1,4 @@
-"""Stage 01 (lib.prepare.run / 01_preprocess.py) end to end on the shipped sample and on broken copies:
+"""Stage 01 (lib.stages.prepare.run / 01_preprocess.py) end to end on the shipped sample and on broken copies:
 outputs, folds written once, encoders fitted on train only, cache reuse, every bad input -> one clear
 PipelineError and nothing written, the script's exit code."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for lib.stack: fold mechanics (planted leaks, per-row provenance, PCA inside folds), guards,
+"""lib.tabular.stackers: fold mechanics (planted leaks, per-row provenance, PCA inside folds), guards,
 rare classes, output shapes. Tiny synthetic data, CPU, small boosters."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from lib.config.schema import STACK_DEFAULTS
 from lib.core.errors import ConfigError, PipelineError
-from lib.stages import stack as stack_stage
 from lib.tabular import stackers
 
 # n_jobs=1: OpenMP threads slow down ~10x when the 2 cores are shared with other test runs.
@@ -251,18 +250,7 @@ def test_inner_split_keeps_groups_together_and_stratifies():
     groups = np.repeat([f"P{i}" for i in range(40)], 3)
     y = np.zeros(120)
     y[:15] = 1  # positives in the first 5 patients
-    fit, es = stackers._inner_split(y, 0.2, rng, groups)
+    fit, es = stackers.inner_split(y, 0.2, rng, groups)
     assert len(np.intersect1d(fit, es)) == 0 and len(fit) + len(es) == 120
     assert not set(groups[fit]) & set(groups[es])  # no patient on both sides
     assert y[es].sum() > 0 and y[fit].sum() > 0
-
-
-def test_patient_features_need_grouped_folds_and_test_patients():
-    tr = pd.DataFrame({"lesion_id": ["a", "b"], "fold": [0, 1], "y_X": [1.0, 0.0], "group": ["p", "q"]})
-    with pytest.raises(PipelineError, match="folds grouped by it"):
-        stack_stage._add_patient_features({}, {"group": None}, tr, None, tr, None, {})
-    with pytest.raises(PipelineError, match="folds grouped by it"):
-        stack_stage._add_patient_features({}, {"group": "group"}, tr.drop(columns="group"), None, tr, None, {})
-    te = pd.DataFrame({"lesion_id": ["t"]})
-    with pytest.raises(PipelineError, match="test table has no patient column"):
-        stack_stage._add_patient_features({}, {"group": "group"}, tr, te, tr, te, {})
