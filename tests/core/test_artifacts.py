@@ -33,6 +33,10 @@ def test_names_and_folders(tmp_path: Path) -> None:
     assert A.features_file("lite0", "train") == "lite0_train.parquet"
     assert A.features_file("lite0", "test", "json") == "lite0_test.json"
     assert A.head_file("oof", "xgb") == "oof_xgb.parquet" and A.fold_name(3) == "fold3"
+    assert A.cache_file("train") == "train.parquet" and A.cache_file("test", "json") == "test.json"
+    assert A.trunk_file("test", "clinical") == "test_clinical.npy"
+    assert (A.CHECKPOINT, A.MODEL, A.FOLD_SUMMARY_JSON, A.HISTORY) == ("checkpoint.pt", "model.pt", "summary.json",
+                                                                       "history.csv")
     assert A.exp_folder(cfg) == A.exp_dir(cfg) == tmp_path / "e1"
     assert A.exp_folder(cfg, "other") == tmp_path / "other"
     assert A.features_dir(cfg) == tmp_path / "e1" / "features"
