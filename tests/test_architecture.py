@@ -7,7 +7,9 @@
 - the numbered scripts are thin: they import only `lib.config.cli` and `lib.stages.*`, have an
   importable `main(cfg, ...)` and do nothing at import time;
 - no function in lib/ longer than MAX_FUNCTION_LINES;
-- no module-level mutable state: module-level containers are UPPER_CASE constants.
+- no module-level mutable state: module-level containers are UPPER_CASE constants;
+- one home for file names: no string literal in lib/ names a file a stage writes (the names
+  `lib/core/artifacts.py` defines) outside that module; writer and reader use its constants.
 
 Each checker is a plain function over an import graph, and is shown to catch a planted breach.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +30,9 @@ LAYERS = {"core": 0, "config": 1, "data": 2, "vision": 3, "training": 4, "tabula
           "stages": 6}
 MAX_FUNCTION_LINES = 80
 SCRIPTS = sorted(ROOT.glob("0[1-5]_*.py"))
+ARTIFACTS = LIB / "core" / "artifacts.py"
+# file-name literals allowed outside lib/core/artifacts.py, per module (none today; a stale entry fails)
+FILE_NAME_LITERALS_ALLOWED: dict[str, set[str]] = {}
 
 
 def module_name(path: Path) -> str:
@@ -156,6 +162,38 @@ def mutable_module_state(paths: list[Path]) -> list[str]:
     return out
 
 
+def artifact_file_names(path: Path = ARTIFACTS) -> set[str]:
+    """The file names a module defines: module-level UPPER_CASE str constants that look like `name.ext`
+    (folder names such as `features` are also config keys, so they are not checked)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets)
+                and re.fullmatch(r"[\w-]+\.[a-z]+", node.value.value)):
+            out.add(node.value.value)
+    return out
+
+
+def file_name_literals(paths: list[Path], names: set[str],
+                       allowed: dict[str, set[str]] | None = None) -> list[str]:
+    """'file:line literal' for each string literal (f-string pieces too; docstrings and other bare
+    strings are prose) that is one of `names` or ends in one after '/', '_', '-' or '.'
+    (`f"{exp}_train.parquet"`). `allowed`: {relative file: literals it may still hold}."""
+    out = []
+    for p in paths:
+        tree = ast.parse(p.read_text())
+        prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        ok = (allowed or {}).get(rel(p), set())
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in prose:
+                continue
+            v = node.value
+            hit = [n for n in names if v == n or (v.endswith(n) and v[-len(n) - 1] in "/_-.")]
+            if hit and v not in ok:
+                out.append(f"{rel(p)}:{node.lineno} {v!r} (use lib.core.artifacts' name for {hit[0]})")
+    return out
+
+
 # ----------------------------------------------------------------------------- the checks
 
 
@@ -182,6 +220,36 @@ def test_no_long_function():
 def test_no_module_level_mutable_state():
     bad = mutable_module_state(sorted(LIB.rglob("*.py")) + SCRIPTS)
     assert not bad, "module-level mutable names (make them UPPER_CASE constants or local):\n" + "\n".join(bad)
+
+
+def test_file_names_live_in_artifacts_only():
+    names = artifact_file_names()
+    assert {"summary.json", "model.pt", "checkpoint.pt", "oof.parquet", "cv.json", "manifest.json"} <= names
+    paths = [p for p in sorted(LIB.rglob("*.py")) if p != ARTIFACTS]
+    bad = file_name_literals(paths, names, FILE_NAME_LITERALS_ALLOWED)
+    assert not bad, "file names spelled outside lib/core/artifacts.py (use its constants):\n" + "\n".join(bad)
+    stale = {f: lits - {v for v in lits if file_name_literals([ROOT / f], {v})} for f, lits in
+             FILE_NAME_LITERALS_ALLOWED.items()}
+    assert not any(stale.values()), f"allowed literals no longer present (remove them from the list): {stale}"
+
+
+def test_file_name_check_catches_planted_literals(tmp_path):
+    art = tmp_path / "artifacts.py"
+    art.write_text('"""Names."""\nOOF = "oof.parquet"\nSUMMARY = "summary.json"\nFEATURES = "features"\n'
+                   'CV_SCHEMA_VERSION = 1\nsuffix = "x.txt"\n')
+    names = artifact_file_names(art)
+    assert names == {"oof.parquet", "summary.json"}
+    f = tmp_path / "m.py"
+    f.write_text('"""Writes oof.parquet and summary.json."""\n'
+                 'def w(folder, exp):\n'
+                 '    """Reads summary.json."""\n'
+                 '    a = folder / "oof.parquet"\n'
+                 '    b = folder / f"{exp}_summary.json"\n'
+                 '    c = cfg["features"], "my_oof.parquet.bak", "oof.parquet.json"\n'
+                 '    return a, b, c\n')
+    bad = file_name_literals([f], names)
+    assert [b.split()[1] for b in bad] == ["'oof.parquet'", "'_summary.json'"], bad
+    assert file_name_literals([f], names, {rel(f): {"oof.parquet", "_summary.json"}}) == []
 
 
 def test_checkers_catch_planted_breaches(tmp_path):

@@ -43,8 +43,9 @@ def _suggest(key: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _merge(base: dict, over: dict, schema: dict, where: str) -> dict:
-    """Deep-merge `over` into `base`, rejecting keys absent from `schema` (a section of specs)."""
+def merge(base: dict, over: dict, schema: dict, where: str = "") -> dict:
+    """THE config merge: deep-merge `over` into a copy of `base`, rejecting keys absent from `schema`
+    (a section of specs; `where` names it in errors: `stack` for SCHEMA["stack"])."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         path = f"{where}.{k}" if where else k
@@ -57,7 +58,7 @@ def _merge(base: dict, over: dict, schema: dict, where: str) -> dict:
             if not isinstance(v, dict):
                 raise ConfigError(f"config: '{path}' is a section; set its keys ({', '.join(list(sch)[:6])}, ...), "
                                   f"not a value ({v!r})")
-            out[k] = _merge(out.get(k) or {}, v, sch, path)
+            out[k] = merge(out.get(k) or {}, v, sch, path)
         elif isinstance(sch, ListOf) and isinstance(sch.item, Record) and isinstance(v, (list, type(None))):
             out[k] = [_list_item(item, sch.item, f"{path}[{i}]") for i, item in enumerate(v or [])]
         else:
@@ -71,7 +72,7 @@ def _list_item(item: Any, record: Record, where: str) -> dict:
         item = {record.shorthand: item}
     if not isinstance(item, dict):
         record.fail(item, where)
-    return _merge(record.default, item, record.fields, where)
+    return merge(record.default, item, record.fields, where)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -124,9 +125,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- YAML file (with bases) <- CLI overrides; strict on keys and values; paths derived."""
     cfg = defaults()
     if path is not None:
-        cfg = _merge(cfg, _read_yaml(Path(path)), SCHEMA, "")
+        cfg = merge(cfg, _read_yaml(Path(path)), SCHEMA, "")
     for o in overrides or []:
-        cfg = _merge(cfg, parse_override(o), SCHEMA, "")
+        cfg = merge(cfg, parse_override(o), SCHEMA, "")
     return resolve(cfg)
 
 

@@ -4,7 +4,9 @@ stage reads another stage's outputs, and the per-folder `manifest.json` that tie
 Layout (every path below `paths.output`, `<prep>` = `paths.prep`):
 
 - `<prep>/`  (01): train.parquet, test.parquet, folds.csv, fold_summary.csv, meta_encoders.json,
-  dataset.json, config.yaml, manifest.json, images/<cache tag>/, features/<enc>-<key>/ (03's cache)
+  dataset.json, config.yaml, manifest.json, images/<cache tag>/, features/<enc>-<key>/ (03's cache:
+  <split>.parquet + .json, `cache_file`), trunks/<enc>-<key>/ (03's trunk cache of a cut encoder:
+  <split>_<modality>.npy, `trunk_file`)
 - `<exp>/`   (02): fold{k}/ (checkpoint.pt, model.pt, history.csv, oof.parquet logits,
   test_logits.parquet, summary.json, config.yaml); oof.parquet, test.parquet, cv.json, config.yaml,
   manifest.json
@@ -65,6 +67,9 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 # 03
 FEATURES = "features"
+TRUNKS = "trunks"
+ONNX = "onnx"                        # <prep>/onnx/<encoder>-<key>.onnx (03, ONNX Runtime)
+WEIGHTS_SHA256 = "weights_sha256.json"  # <prep>/: sha256 of resolved weights files, by path + size + mtime
 # 04
 IMPORTANCE = "importance.parquet"
 HEADS = "heads"
@@ -73,6 +78,11 @@ SUBMISSION = "submission.csv"
 THRESHOLDS = "thresholds.json"
 REPORT = "report.md"
 REPORT_DIR = "report"
+FIG_CONFUSION = "confusion.png"      # report/ figures
+FIG_F1 = "f1_per_class.png"
+FIG_THRESHOLDS = "threshold_curves.png"
+FIG_TRAINING = "training_curves.png"
+FIG_CV_SPREAD = "cv_spread.png"
 
 CV_SCHEMA_VERSION = 1
 CHECKPOINT_VERSION = 1               # `format_version` of fold{k}/checkpoint.pt and model.pt
@@ -93,6 +103,16 @@ RUNTIME_KEYS = ("exp", "device", "threads", "paths", "cache.workers", "features.
 def features_file(enc: str, split: str, ext: str = "parquet") -> str:
     """`<enc>_<split>.<ext>` inside an experiment's features/ folder."""
     return f"{enc}_{split}.{ext}"
+
+
+def cache_file(split: str, ext: str = "parquet") -> str:
+    """`<split>.<ext>` inside one cache folder of 03, `<prep>/features/<enc>-<key>/`."""
+    return f"{split}.{ext}"
+
+
+def trunk_file(split: str, modality: str) -> str:
+    """`<split>_<modality>.npy`: a trunk cache's activations (03, cut encoders)."""
+    return f"{split}_{modality}.npy"
 
 
 def head_file(kind: str, head: str) -> str:
@@ -138,8 +158,14 @@ def save_config(cfg: dict, folder: str | Path, name: str = CONFIG) -> Path:
 # ----------------------------------------------------------------------------- fingerprints
 
 
-def config_fingerprint(cfg: dict) -> str:
-    """12 hex digits of sha1 over the resolved config minus RUNTIME_KEYS."""
+def config_fingerprint(cfg: dict, scope: str = "experiment") -> str:
+    """12 hex digits of sha1 over what decides a result, never RUNTIME_KEYS (how fast or where it runs).
+
+    scope `experiment` (a manifest's fingerprint): the whole resolved config. scope `fold` (a fold's
+    checkpoint.pt, model.pt and summary.json, see lib/training/fold.py): only what decides one fold
+    model: `train`, `seed`, the folds settings, the data format and the prep folder the fold read
+    (a path, so a runtime key for a manifest but the fold's input here); the other sections
+    (features, stack, submit) do not invalidate a trained fold."""
     c = copy.deepcopy(cfg)
     for key in RUNTIME_KEYS:
         *parents, last = key.split(".")
@@ -148,6 +174,11 @@ def config_fingerprint(cfg: dict) -> str:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(last, None)
+    if scope == "fold":
+        c = {"train": c["train"], "seed": c["seed"], "prep": str(cfg["paths"]["prep"]), "folds": c["folds"],
+             "format": c["data"]["format"]}
+    elif scope != "experiment":
+        raise ValueError(f"unknown fingerprint scope {scope!r} (experiment | fold)")
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -307,10 +338,6 @@ def load_features(cfg: dict, names: list[str], split: str, exp: str | None = Non
         df = pd.read_parquet(p)
         out = df if out is None else merge_on_id(out, df, f"features {n} {split}")
     return out
-
-
-def feature_info(cfg: dict, name: str, split: str = "train", exp: str | None = None) -> dict:
-    return read_json(features_dir(cfg, exp) / features_file(name, split, "json"))
 
 
 def load_member(cfg: dict, exp: str, train: pd.DataFrame, test: pd.DataFrame | None,

@@ -1,5 +1,5 @@
-"""Process-level runtime facts: the torch device a config asks for, the usable CPU cores, whether an
-output folder can be written."""
+"""Process-level runtime facts: the device a config asks for (torch and the stackers' boosters), the
+usable CPU cores, whether an output folder can be written."""
 from __future__ import annotations
 
 import os
@@ -12,14 +12,22 @@ from lib.core.errors import PipelineError
 
 
 def torch_device(cfg: dict) -> str:
-    """Resolve `device`: auto -> cuda when present else cpu; cuda requested but absent -> error."""
-    import torch
+    """The config's `device`, resolved by `resolve_device`."""
+    return resolve_device(str(cfg.get("device", "auto")))
 
-    dev = str(cfg.get("device", "auto"))
+
+def resolve_device(dev: str, key: str = "device") -> str:
+    """THE device choice: auto -> cuda when torch sees a GPU, else cpu (also when torch cannot be
+    imported, e.g. a stacking-only install); cuda requested but absent -> error naming config `key`."""
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
     if dev == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"config: device '{dev}' requested but CUDA is not available (use device=cpu or auto)")
+        return "cuda" if cuda else "cpu"
+    if dev.startswith("cuda") and not cuda:
+        raise PipelineError(f"config: {key} '{dev}' requested but CUDA is not available (use {key}=cpu or auto)")
     return dev
 
 

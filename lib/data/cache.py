@@ -14,6 +14,7 @@ from PIL import Image
 from lib.core.errors import PipelineError
 from lib.core.io import atomic_path
 from lib.core.progress import progress
+from lib.core.runtime import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def build_cache(jobs: list[tuple[str, str]], c: dict, workers: int = 0) -> None:
     """Cache (src, dst) pairs in parallel with a progress bar; all errors reported together."""
     if c["mode"] == "none" or not jobs:
         return
-    workers = workers or (os.cpu_count() or 1)
+    workers = workers or cpu_count()
     args = [(s, d, c) for s, d in jobs]
     errors: list[str] = []
     bar = progress(len(args), "cache images", unit="img", mininterval=1.0)

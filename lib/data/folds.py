@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from lib.core.artifacts import FOLDS
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_unique_ids
 
@@ -60,7 +61,7 @@ def make_folds(df: pd.DataFrame, classes: list[str], n_splits: int, seed: int,
 
 def check_folds(df: pd.DataFrame, folds: pd.DataFrame, group_col: str | None = None) -> None:
     """Every row in exactly one fold; no group split across folds."""
-    assert_unique_ids(folds, "folds.csv")
+    assert_unique_ids(folds, FOLDS)
     if set(df[ID]) != set(folds[ID]):
         raise PipelineError("folds.csv does not cover exactly the train lesions; delete it and rerun 01")
     if (folds["fold"] < 0).any():

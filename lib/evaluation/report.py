@@ -412,13 +412,13 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     lab = D.decide_labels(P, t if decision == "thresholds" else None)
     pf = _per_fold_table(cv)
 
-    figs = {"confusion.png": ("OOF confusion matrix", lambda: _fig_confusion(Figure, Y, lab, classes, decision)
+    figs = {A.FIG_CONFUSION: ("OOF confusion matrix", lambda: _fig_confusion(Figure, Y, lab, classes, decision)
                               if single_label else None),
-            "f1_per_class.png": ("Per-class F1", lambda: _fig_f1(Figure, f1_arg, dice_t, support, classes)),
-            "threshold_curves.png": ("Dice vs threshold (red: chosen, dotted: 0.5)",
+            A.FIG_F1: ("Per-class F1", lambda: _fig_f1(Figure, f1_arg, dice_t, support, classes)),
+            A.FIG_THRESHOLDS: ("Dice vs threshold (red: chosen, dotted: 0.5)",
                                      lambda: _fig_thresholds(Figure, Y, P, t, classes)),
-            "training_curves.png": ("Training curves", lambda: _fig_training(Figure, histories or {})),
-            "cv_spread.png": ("CV spread over folds", lambda: None if pf is None else _fig_cv_spread(Figure, pf))}
+            A.FIG_TRAINING: ("Training curves", lambda: _fig_training(Figure, histories or {})),
+            A.FIG_CV_SPREAD: ("CV spread over folds", lambda: None if pf is None else _fig_cv_spread(Figure, pf))}
     written = _write_figures(img_dir, figs)
 
     parts = [f"# {title}", "", f"OOF rows: {len(Y)}, classes: {len(classes)}, decision: **{decision}**", "",

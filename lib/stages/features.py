@@ -33,7 +33,7 @@ from lib.vision.embed import (
     spec_key,
     weights_sha_cache,
 )
-from lib.vision.onnx_trunk import ONNX_DIR, onnx_forward, resolve_runtime
+from lib.vision.onnx_trunk import onnx_forward, resolve_runtime
 from lib.vision.trunk import check_split, pooled_from_trunk, split_at, trunk_activations, trunk_cached, trunk_key
 from lib.vision.tta import parse_views
 
@@ -50,7 +50,7 @@ class Frozen:
         self.workers = _workers(cfg)
         self.threads = int(cfg["threads"]) or max(1, cpu_count() - self.workers)
         self.runtime = resolve_runtime(cfg["features"]["runtime"], self.device)
-        self.onnx_dir = prep_dir(cfg) / ONNX_DIR
+        self.onnx_dir = prep_dir(cfg) / A.ONNX
         self.sha_cache = weights_sha_cache(prep_dir(cfg))
 
     def forward(self, module: nn.Module, name: str, key_spec: dict, sample: torch.Tensor) -> tuple[Callable, str]:
@@ -87,7 +87,7 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
     model, runtime = None, "torch"
     paths: dict[str, Path] = {}
     for split, df in tables.items():
-        path = folder / f"{split}.parquet"
+        path = folder / A.cache_file(split)
         paths[split] = path
         if path.exists():
             old = pd.read_parquet(path, columns=[ID])
@@ -110,7 +110,7 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
         write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
         write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
                     "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
-                    "runtime": runtime, "threads": frozen.threads}, folder / f"{split}.json")
+                    "runtime": runtime, "threads": frozen.threads}, folder / A.cache_file(split, "json"))
         log.info("%s/%s: %d images x %d views in %.0fs (%.1f img/s, %s)", enc["name"], split, n_img,
                  len(views), dt, n_img * len(views) / dt, runtime)
     return paths
@@ -133,7 +133,7 @@ def _trunk_forward(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFr
     on the first images (`check_split`: trunk + tail + pool must reproduce the encoder), then the
     trunk runs in PyTorch or ONNX Runtime (`Frozen.forward`). (None, '') when all are cached."""
     todo = [(split, m) for split, df in tables.items() for m in info["modalities"]
-            if not trunk_cached([str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], tfolder / f"{split}_{m}.npy")]
+            if not trunk_cached([str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], tfolder / A.trunk_file(split, m))]
     if not todo:
         return None, ""
     split, m = todo[0]
@@ -154,7 +154,7 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
     keep = bool(cfg["features"]["keep_views"])
     spec, views = _spec(cfg, enc, info, frozen, keep)
     folder = prep_dir(cfg) / A.FEATURES / f"{enc['name']}-{spec_key({**spec, 'trunk_cut': enc['cut']})}"
-    tfolder = prep_dir(cfg) / "trunks" / f"{enc['name']}-{trunk_key(spec, enc['cut'])}"
+    tfolder = prep_dir(cfg) / A.TRUNKS / f"{enc['name']}-{trunk_key(spec, enc['cut'])}"
     model = _build(enc, frozen.device)
     _, tail, pool = split_at(model, enc["cut"])
     trunk, runtime = _trunk_forward(cfg, enc, info, tables, spec, tfolder, model, frozen)
@@ -164,9 +164,9 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
         t0 = time.time()
         acts[split] = [trunk_activations(trunk, [str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], spec,
                                          frozen.device, cfg["features"]["batch_size"], frozen.workers,
-                                         f"{enc['name']} trunk {split} {m}", tfolder / f"{split}_{m}.npy")
+                                         f"{enc['name']} trunk {split} {m}", tfolder / A.trunk_file(split, m))
                        for m in info["modalities"]]
-        paths[split] = path = folder / f"{split}.parquet"
+        paths[split] = path = folder / A.cache_file(split)
         if path.exists() and list(pd.read_parquet(path, columns=[ID])[ID]) == list(df[ID]):
             log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
             continue
@@ -178,7 +178,7 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
         write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
                     "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
                     "trunk_cut": enc["cut"], "trunk_cache": str(tfolder), "runtime": runtime or "cached",
-                    "threads": frozen.threads}, folder / f"{split}.json")
+                    "threads": frozen.threads}, folder / A.cache_file(split, "json"))
         log.info("%s/%s: %d images x %d views via the trunk cache in %.0fs", enc["name"], split, n_img,
                  len(views), dt)
     return paths, acts, (tail, pool, int(model.num_features))
@@ -197,13 +197,13 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
     spec, _ = _spec(cfg, enc, info, frozen, False)
     key = spec_key(finetune_key_parts(trunk_key(spec, enc["cut"]), ft, A.folds_sha1(cfg), classes, "test" in tables))
     folder = prep_dir(cfg) / A.FEATURES / f"{name}-{key}"
-    if not (folder / "train.parquet").exists():
+    if not (folder / A.cache_file("train")).exists():
         _finetune(enc, name, classes, ft, train, tables, acts, tail_pool, folder, frozen.device)
     else:
         log.info("%s: cached fine-tuned logits reused (%s)", name, folder)
     for split in tables:
-        _link(folder / f"{split}.parquet", out / A.features_file(name, split))
-        shutil.copyfile(folder / f"{split}.json", out / A.features_file(name, split, "json"))
+        _link(folder / A.cache_file(split), out / A.features_file(name, split))
+        shutil.copyfile(folder / A.cache_file(split, "json"), out / A.features_file(name, split, "json"))
 
 
 def _own_finetune(enc: dict) -> dict:
@@ -230,10 +230,10 @@ def _finetune(enc: dict, name: str, classes: list[str], ft: FineTune, train: pd.
     meta = {"name": name, "encoder": enc["name"], "cut": enc["cut"], "finetune": vars(ft), "classes": classes,
             "oof_macro_f1_argmax": round(float(f1), 4), "seconds": round(time.time() - t0, 1), **extra}
     if test_logits is not None:
-        write_parquet(prediction_table(tables["test"][ID], test_logits, cols), folder / "test.parquet")
-        write_json({**meta, "split": "test", "source": "mean of the fold models"}, folder / "test.json")
-    write_json({**meta, "split": "train", "source": "own-fold OOF logits"}, folder / "train.json")
-    write_parquet(prediction_table(train[ID], oof, cols), folder / "train.parquet")  # last: marks complete
+        write_parquet(prediction_table(tables["test"][ID], test_logits, cols), folder / A.cache_file("test"))
+        write_json({**meta, "split": "test", "source": "mean of the fold models"}, folder / A.cache_file("test", "json"))
+    write_json({**meta, "split": "train", "source": "own-fold OOF logits"}, folder / A.cache_file("train", "json"))
+    write_parquet(prediction_table(train[ID], oof, cols), folder / A.cache_file("train"))  # last: marks complete
     log.info("%s: cached-trunk fine-tune, OOF macro F1 (argmax) %.4f in %.0fs", name, f1, time.time() - t0)
 
 

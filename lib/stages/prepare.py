@@ -13,8 +13,7 @@ from lib.core import artifacts as A
 from lib.core.artifacts import prep_dir, save_config
 from lib.core.errors import PipelineError
 from lib.core.io import ID, write_csv, write_json, write_parquet
-from lib.data import cache, folds
-from lib.data import formats as data
+from lib.data import cache, folds, formats
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ def _cache_jobs(df: pd.DataFrame, mods: list[str], folder: Path, tag: str) -> tu
     return jobs, paths
 
 
-def _finish(raw: data.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> pd.DataFrame:
+def _finish(raw: formats.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> pd.DataFrame:
     df = raw.table.reset_index(drop=True)
     out = pd.DataFrame({ID: df[ID].astype(str)})
     for m in raw.modalities:
@@ -37,7 +36,7 @@ def _finish(raw: data.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> pd.
         out[f"path_{m}"] = paths[m] if cfg["cache"]["mode"] != "none" else [os.path.abspath(p) for p in df[f"src_{m}"]]
         if f"isic_{m}" in df:
             out[f"isic_{m}"] = df[f"isic_{m}"]
-    ycols = data.label_columns(raw.classes)
+    ycols = formats.label_columns(raw.classes)
     if split == "train":
         for c in ycols:
             out[c] = df[c].astype(np.float32)
@@ -50,8 +49,8 @@ def _finish(raw: data.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> pd.
         out["label"] = -1
     if raw.group_col:
         out["group"] = df[raw.group_col].astype(str)
-    out = pd.concat([out, data.apply_meta_encoders(df, enc, split)], axis=1)
-    for c in data.monet_columns(df):
+    out = pd.concat([out, formats.apply_meta_encoders(df, enc, split)], axis=1)
+    for c in formats.monet_columns(df):
         out[c] = df[c].astype(np.float32)
         if out[c].isna().any():
             log.warning("%s: %d rows lack %s (left as NaN)", split, int(out[c].isna().sum()), c)
@@ -62,8 +61,8 @@ def run(cfg: dict, force_folds: bool = False) -> dict:
     """Run stage 01 and return the dataset description written to `<prep>/dataset.json`."""
     t0 = time.time()
     folder = prep_dir(cfg)
-    train = data.read_split(cfg, "train")
-    test = data.read_split(cfg, "test")
+    train = formats.read_split(cfg, "train")
+    test = formats.read_split(cfg, "test")
     if len(train.table) == 0:
         raise PipelineError("train split has no rows")
     if test is not None:
@@ -77,10 +76,10 @@ def run(cfg: dict, force_folds: bool = False) -> dict:
     tjobs, tpaths = ([], {}) if test is None else _cache_jobs(test.table, test.modalities, folder, tag)
     cache.build_cache(jobs + tjobs, cfg["cache"], cfg["cache"]["workers"])
 
-    enc = data.fit_meta_encoders(train.table, train.num_cols, train.cat_cols)
+    enc = formats.fit_meta_encoders(train.table, train.num_cols, train.cat_cols)
     tr = _finish(train, enc, paths, "train", cfg)
     te = None if test is None else _finish(test, enc, tpaths, "test", cfg)
-    for c in data.label_columns(train.classes):
+    for c in formats.label_columns(train.classes):
         if tr[c].sum() == 0:
             log.warning("class %s has no training lesions", c[2:])
 
@@ -101,7 +100,7 @@ def run(cfg: dict, force_folds: bool = False) -> dict:
         "format": cfg["data"]["format"], "task": train.task, "classes": train.classes,
         "modalities": train.modalities, "n_train": len(tr), "n_test": 0 if te is None else len(te),
         "group": group, "cache_tag": tag, "folds": cfg["folds"],
-        "meta_columns": data.meta_columns(tr), "monet_columns": data.monet_columns(tr),
+        "meta_columns": formats.meta_columns(tr), "monet_columns": formats.monet_columns(tr),
     }
     write_parquet(tr, folder / A.PREP_TRAIN)
     if te is not None:

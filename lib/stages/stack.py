@@ -77,15 +77,15 @@ def build_inputs(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame 
             te = merge_on_id(te, pte.rename(columns=ren), f"test predictions of {exp}")
         blocks[f"oof_{exp}"] = list(ren.values())
     if s["patient_features"]:
-        tr, te, blocks["patient"] = _add_patient_features(cfg, info, train, test, tr, te, blocks)
+        tr, te, blocks["patient"] = add_patient_features(cfg, info, train, test, tr, te, blocks)
     if not blocks:
         raise PipelineError("stack: no inputs (set stack.features, stack.oof_exps, use_monet or use_meta)")
     return tr, te, blocks
 
 
-def _add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
-                          tr: pd.DataFrame, te: pd.DataFrame | None, blocks: dict[str, list[str]]
-                          ) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
+def add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
+                         tr: pd.DataFrame, te: pd.DataFrame | None, blocks: dict[str, list[str]]
+                         ) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
     """Patient-relative copies of the numeric metadata and of the members' OOF scores.
 
     Needs a group column (`group`: ISIC 2024 patient_id) and folds grouped by it, so each

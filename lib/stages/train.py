@@ -16,15 +16,17 @@ from lib.core.runtime import torch_device
 from lib.data.dataset import load_dataset
 from lib.evaluation.report import cv_summary, log_cv
 from lib.training import distributed as D
-from lib.training.fold import fingerprint, train_fold
+from lib.training.fold import train_fold
 from lib.training.inference import prediction_table, probabilities
 
 log = logging.getLogger(__name__)
 
 
 def fold_done(cfg: dict, k: int) -> bool:
-    p = fold_dir(cfg, k) / "summary.json"
-    return p.exists() and read_json(p).get("fingerprint") == fingerprint(cfg) and (fold_dir(cfg, k) / "oof.parquet").exists()
+    """Fold k's summary.json exists, was written under this config's fold fingerprint, and its OOF exists."""
+    p = fold_dir(cfg, k) / A.FOLD_SUMMARY_JSON
+    return (p.exists() and read_json(p).get("fingerprint") == A.config_fingerprint(cfg, scope="fold")
+            and (fold_dir(cfg, k) / A.OOF).exists())
 
 
 def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None) -> dict | None:

@@ -19,7 +19,6 @@ verify the provenance of every fit.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import zlib
@@ -36,10 +35,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
-from lib.config.schema import STACK_DEFAULTS, STACK_HEADS
+from lib.config.load import merge
+from lib.config.schema import SCHEMA, STACK_DEFAULTS, STACK_HEADS
 from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_unique_ids
 from lib.core.progress import progress
+from lib.core.runtime import resolve_device
 from lib.core.scoring import argmax_onehot, macro_dice
 
 log = logging.getLogger(__name__)
@@ -62,28 +63,10 @@ class StackResult:
 
 
 # ----------------------------------------------------------------------------- config / checks
-def _merge(base: dict, over: dict, where: str = "stack") -> dict:
-    """Deep-merge `over` into a copy of `base`. Unknown top-level keys are ignored (they belong to
-    the config section owned by lib.config); unknown keys inside a head's dict are errors."""
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if k not in base:
-            if where != "stack":
-                raise PipelineError(f"config: unknown key '{where}.{k}'")
-            continue
-        out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) and isinstance(v, dict) else v
-    return out
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU (torch imported lazily, may be absent), else 'cpu'."""
-    if device != "auto":
-        return device
-    try:
-        import torch  # noqa: PLC0415
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:  # torch missing or broken: CPU
-        return "cpu"
+def stack_settings(over: dict | None) -> dict:
+    """The stacker's settings: `over` (a partial or whole `stack` section) merged over STACK_DEFAULTS by
+    lib.config's merge (an unknown key, also inside a head's dict, is a ConfigError)."""
+    return merge(STACK_DEFAULTS, over or {}, SCHEMA["stack"], "stack")
 
 
 def _check_inputs(train: pd.DataFrame, test: pd.DataFrame | None, blocks: dict[str, list[str]],
@@ -180,7 +163,7 @@ def _fold_features(xtr: pd.DataFrame, others: list[pd.DataFrame], blocks: dict[s
     return mats, names
 
 
-def _inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
+def inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
                  groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (positive/negative) split of training-fold positions into (fit, early-stop valid).
 
@@ -191,7 +174,7 @@ def _inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
         ug, inv = np.unique(np.asarray(groups), return_inverse=True)
         gy = np.zeros(len(ug))
         np.maximum.at(gy, inv, y)
-        _, gval = _inner_split(gy, frac, rng)
+        _, gval = inner_split(gy, frac, rng)
         mask = np.isin(inv, gval)
         return np.flatnonzero(~mask), np.flatnonzero(mask)
     valid = [rng.choice(g, min(len(g) - 1, max(1, round(frac * len(g)))), replace=False)
@@ -235,7 +218,7 @@ def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: li
                     head, tag, pos, n, prior)
         return [np.full(len(x), prior) for x in xpred], np.zeros(xtr.shape[1])
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
-    fit_i, es_i = _inner_split(y, hp["inner_valid_frac"], rng, groups)
+    fit_i, es_i = inner_split(y, hp["inner_valid_frac"], rng, groups)
     if y[es_i].sum() == 0 or y[es_i].sum() == len(es_i):  # cannot early-stop on one label
         log.warning("stack %s %s: %d positive(s) only; no early stopping, %d rounds",
                     head, tag, pos, min(hp["n_estimators"], hp["fallback_rounds"]))
@@ -331,12 +314,12 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
 
     `cfg` is the `stack` config section (partial dicts are merged over STACK_DEFAULTS).
     """
-    cfg = _merge(STACK_DEFAULTS, cfg or {})
+    cfg = stack_settings(cfg)
     feats, pca_blocks = _check_inputs(train, test, feature_blocks, classes, cfg)
     heads, c_n = list(cfg["heads"]), len(classes)
     hw = cfg["head_weights"] or {h: 1.0 for h in heads}
     w = {h: hw[h] / sum(hw[h] for h in heads) for h in heads}
-    device = resolve_device(cfg["xgb"]["device"]) if "xgb" in heads else "cpu"
+    device = resolve_device(cfg["xgb"]["device"], "stack.xgb.device") if "xgb" in heads else "cpu"
     ids = train[ID].astype(str).to_numpy()
     x_all = pd.DataFrame(train[feats].to_numpy(np.float64), index=pd.Index(ids, name=ID), columns=feats)
     x_te = None if test is None else pd.DataFrame(
@@ -393,8 +376,3 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
         importance=importance,
         fold_of=pd.Series(folds, index=pd.Index(ids, name=ID), name="fold"),
     )
-
-
-# --------------------------------------------------------------------------- stage 04
-
-

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lib.core.artifacts import (
+    CHECKPOINT,
     CHECKPOINT_VERSION,  # stored as `format_version` in checkpoint.pt and model.pt
 )
 from lib.core.errors import MissingArtifactError
@@ -24,8 +25,6 @@ from lib.core.io import atomic_path
 from lib.training.loop import FoldRun, module_state
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def rng_state() -> dict:
@@ -51,7 +50,7 @@ class Checkpointer:
 
     @classmethod
     def of(cls, run: FoldRun) -> Checkpointer:
-        return cls(run.out / CHECKPOINT_NAME, run.fingerprint)
+        return cls(run.out / CHECKPOINT, run.fingerprint)
 
     def exists(self) -> bool:
         return self.path.exists()

@@ -5,7 +5,6 @@ batch does not depend on DataLoader workers, ranks or a resume.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lib.config.schema import SAMPLERS
 from lib.core.errors import PipelineError
-from lib.core.runtime import seed_for
+from lib.core.runtime import cpu_count, seed_for
 from lib.data.cache import read_rgb
 from lib.training.losses import class_weights
 from lib.vision.augment import TrainTransform
@@ -159,8 +158,8 @@ def to_device(batch: dict[str, torch.Tensor], device: str, channels_last: bool) 
 
 
 def resolve_workers(n: int) -> int:
-    """`train.workers`; -1 = cores - 1 (at least 1, at most 8)."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1)) if n < 0 else n
+    """`train.workers`; -1 = usable cores - 1 (at least 1, at most 8)."""
+    return max(1, min(8, cpu_count() - 1)) if n < 0 else n
 
 
 def epoch_order(y: np.ndarray, sampler: dict, seed: int, fold: int, epoch: int) -> np.ndarray:

@@ -67,14 +67,6 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def broadcast_object(d: Dist, obj: Any) -> Any:
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather_rows(d: Dist, idx: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All ranks' (row positions, values) concatenated and sorted by position."""
     if d.enabled:

@@ -1,7 +1,7 @@
 """Fold training of image and fusion models (see 02_train_fold.py).
 
 Per fold k (rows with `fold == k` are validation, the rest train):
-- model `lib.models.build_model` on `train.model`, heads seeded by (seed, fold); optional
+- model `lib.vision.models.build_model` on `train.model`, heads seeded by (seed, fold); optional
   stochastic depth, freezing of the stem + first `freeze_blocks` blocks (their BN kept in eval),
   `bn: frozen` (every BN uses running statistics; affine parameters still learn);
 - AdamW with layer-wise LR decay (encoder block i of L gets lr * layer_decay ** (L - i); heads lr),
@@ -19,7 +19,7 @@ Per fold k (rows with `fold == k` are validation, the rest train):
   (seed, fold, epoch); every augmentation and modality/concept-dropout draw is seeded by
   (seed, fold, epoch, row), so results do not depend on DataLoader workers or on the number of
   processes, and a resumed run repeats the interrupted one;
-- data parallel (`torchrun`, see lib/distributed.py): each global micro-batch of `batch_size` rows
+- data parallel (`torchrun`, see lib/training/distributed.py): each global micro-batch of `batch_size` rows
   is split into contiguous per-rank slices of batch_size / world; the DDP gradient mean equals the
   one-process gradient for per-sample-mean losses (all but `soft_f1`/`focal_soft_f1`, whose batch
   statistic is per rank) when the model has no batch-dependent randomness (dropout, drop path) and
@@ -39,12 +39,10 @@ rows), test_logits.parquet, model.pt (`format_version`, the OOF weights + what i
 the model, and `spec`: the encoder's full preprocessing spec at `train.img_size`, JSON-able),
 config.yaml, summary.json (marks the fold done). When every fold is done: `<output>/<exp>/oof.parquet`
 and `test.parquet` (probabilities: softmax, or sigmoid for multilabel / binary, of the TTA-averaged logits;
-test averaged over folds) and cv.json (lib.report.cv_summary + training notes).
+test averaged over folds) and cv.json (lib.evaluation.report.cv_summary + training notes).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -58,7 +56,17 @@ import torch
 from torch import nn
 
 from lib.config.schema import BN_MODES
-from lib.core.artifacts import fold_dir, prep_dir, save_config
+from lib.core.artifacts import (
+    FOLD_SUMMARY_JSON,
+    FOLD_TEST_LOGITS,
+    HISTORY,
+    MODEL,
+    OOF,
+    config_fingerprint,
+    fold_dir,
+    prep_dir,
+    save_config,
+)
 from lib.core.errors import PipelineError
 from lib.core.io import ID, atomic_path, write_csv, write_json, write_parquet
 from lib.core.runtime import seed_for, torch_device
@@ -91,9 +99,6 @@ from lib.vision.tta import parse_views
 log = logging.getLogger(__name__)
 
 
-RUNTIME_KEYS = ("workers", "log_every", "folds", "keep_checkpoint")  # not part of the fingerprint
-
-
 # ----------------------------------------------------------------------------- small helpers
 
 
@@ -101,14 +106,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def fingerprint(cfg: dict) -> str:
-    """Hash of everything that determines a fold's result (not workers/logging/fold selection)."""
-    t = {k: v for k, v in cfg["train"].items() if k not in RUNTIME_KEYS}
-    key = {"train": t, "seed": cfg["seed"], "prep": str(cfg["paths"]["prep"]), "folds": cfg["folds"],
-           "format": cfg["data"]["format"]}
-    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _jsonable(x: Any) -> Any:
@@ -216,8 +213,8 @@ def build_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | 
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
     return FoldRun(
-        cfg=cfg, k=k, d=d, out=fold_dir(cfg, k), fingerprint=fingerprint(cfg), classes=classes, task=task,
-        tr=tr, va=va, test=test, spec=spec, mods=mods, tab=tab, model_args=model_args, model=model,
+        cfg=cfg, k=k, d=d, out=fold_dir(cfg, k), fingerprint=config_fingerprint(cfg, scope="fold"),
+        classes=classes, task=task, tr=tr, va=va, test=test, spec=spec, mods=mods, tab=tab, model_args=model_args, model=model,
         frozen_bn=frozen_bn, ema=ema, wrapped=wrapped, fwd=torch.compile(wrapped) if tcfg["compile"] else wrapped,
         eval_model=ema.module if ema is not None and tcfg["use_ema_for_oof"] else model, opt=opt, sched=sched,
         scaler=scaler, loss_fn=loss_fn, amp_dtype=amp_dtype, channels_last=bool(tcfg["channels_last"]),
@@ -257,7 +254,7 @@ def end_epoch(run: FoldRun, row: dict[str, Any], ckpt: Checkpointer) -> None:
              if "val_loss" in row else "", row["lr"], row["images_per_s"])
     if run.d.main:
         ckpt.save(run)
-        write_csv(pd.DataFrame(run.history), run.out / "history.csv")
+        write_csv(pd.DataFrame(run.history), run.out / HISTORY)
     D.barrier(run.d)
 
 
@@ -297,11 +294,11 @@ def finalize_fold(run: FoldRun, ckpt: Checkpointer | None = None) -> dict[str, A
     f1, _ = f1_scores(run.ds_va.y, val_logits, run.task)
     summary = fold_summary(run, used, f1)
     if run.d.main:
-        write_parquet(prediction_table(run.va[ID], val_logits, run.classes), run.out / "oof.parquet")
+        write_parquet(prediction_table(run.va[ID], val_logits, run.classes), run.out / OOF)
         if test_logits is not None:
-            write_parquet(prediction_table(run.test[ID], test_logits, run.classes), run.out / "test_logits.parquet")
-        save_fold_model(run, run.out / "model.pt")
-        write_json(summary, run.out / "summary.json")
+            write_parquet(prediction_table(run.test[ID], test_logits, run.classes), run.out / FOLD_TEST_LOGITS)
+        save_fold_model(run, run.out / MODEL)
+        write_json(summary, run.out / FOLD_SUMMARY_JSON)
         if not run.tcfg["keep_checkpoint"]:
             (ckpt or Checkpointer.of(run)).delete()
         log.info("fold %d done: OOF macro F1 %.4f (%s weights, %s) in %.0fs", run.k, f1, used, "+".join(run.views),

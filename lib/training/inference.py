@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lib.core.artifacts import CHECKPOINT_VERSION, fold_dir
+from lib.core.artifacts import CHECKPOINT_VERSION, FOLD_TEST_LOGITS, OOF, features_file, fold_dir
 from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import ID, assert_same_ids, write_json, write_parquet
 from lib.core.progress import progress
@@ -124,15 +124,15 @@ def fold_logit_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, te
             tests.append(te[classes].to_numpy(np.float64))
     oof = pd.concat(parts, ignore_index=True).set_index(ID).loc[train[ID].to_numpy()].reset_index()
     meta = {"exp": exp, "kind": "fold-model class logits", "folds": folds, "dim": len(cols)}
-    paths = {"train": out_dir / f"{exp}_train.parquet"}
+    paths = {"train": out_dir / features_file(exp, "train")}
     write_parquet(prediction_table(train[ID], oof[classes].to_numpy(), cols), paths["train"])
     write_json({**meta, "split": "train", "n": len(train), "source": "OOF logits of each row's own fold model"},
-               out_dir / f"{exp}_train.json")
+               out_dir / features_file(exp, "train", "json"))
     if tests:
-        paths["test"] = out_dir / f"{exp}_test.parquet"
+        paths["test"] = out_dir / features_file(exp, "test")
         write_parquet(prediction_table(test[ID], np.mean(tests, 0), cols), paths["test"])
         write_json({**meta, "split": "test", "n": len(test), "source": "mean of the fold models' test logits"},
-                   out_dir / f"{exp}_test.json")
+                   out_dir / features_file(exp, "test", "json"))
     log.info("%s: fold-model logits (%d classes) for %d train%s lesions", exp, len(cols), len(train),
              "" if not tests else f" + {len(test)} test")
     return paths
@@ -142,17 +142,17 @@ def _fold_logits(cfg: dict, exp: str, k: int, rows: pd.DataFrame, test: pd.DataF
                  classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Fold k's OOF logits (exactly this data's fold-k rows: the model never trained on them) and test logits."""
     folder = fold_dir(cfg, k, exp)
-    if not (folder / "oof.parquet").exists():
-        raise MissingArtifactError(f"{folder}/oof.parquet not found: train {exp} with 02_train_fold.py first")
-    oof = pd.read_parquet(folder / "oof.parquet")
+    if not (folder / OOF).exists():
+        raise MissingArtifactError(f"{folder / OOF} not found: train {exp} with 02_train_fold.py first")
+    oof = pd.read_parquet(folder / OOF)
     missing = [c for c in classes if c not in oof.columns]
     if missing:
-        raise PipelineError(f"{folder}/oof.parquet lacks class columns {missing}: {exp} was trained on other classes")
+        raise PipelineError(f"{folder / OOF} lacks class columns {missing}: {exp} was trained on other classes")
     if set(oof[ID].astype(str)) != set(rows[ID].astype(str)):  # the fold model must not have trained on these rows
         raise MissingArtifactError(f"{exp} fold {k} was validated on other lesions than this data's fold {k} "
                                    "(different prep/folds): its outputs would leak; retrain it on these folds")
     te = None
     if test is not None and len(test):
-        te = pd.read_parquet(folder / "test_logits.parquet")
+        te = pd.read_parquet(folder / FOLD_TEST_LOGITS)
         assert_same_ids(te, test, f"{exp} fold {k} test logits vs test", ordered=True)
     return oof, te

@@ -3,7 +3,7 @@ multi-hot for multilabel).
 
 Every loss is a per-sample quantity averaged over the batch (`mean_b`), except the soft macro-F1
 term, which is a batch statistic. Per-sample means make the loss of a global batch equal the mean
-of the per-rank losses under DDP (what `lib.train` relies on for one-process == torchrun).
+of the per-rank losses under DDP (what `lib.training.fold` relies on for one-process == torchrun).
 
 Definitions (p = softmax(z) for multiclass, s = sigmoid(z) for the one-vs-rest losses, y' = the
 smoothed targets):

@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-import albumentations as A
+import albumentations as alb
 import cv2
 import numpy as np
 import torch
@@ -25,11 +25,11 @@ import torch
 from lib.vision.transforms import build_eval_transform, to_tensor
 
 
-def train_pipeline(size: int, aug: dict[str, Any]) -> A.Compose:
+def train_pipeline(size: int, aug: dict[str, Any]) -> alb.Compose:
     """The albumentations 2.x pipeline (uint8 RGB HWC in -> uint8 RGB size x size out, no normalize)."""
     lo, hi = aug["crop_scale"]
-    t: list[A.BasicTransform | A.BaseCompose] = [
-        A.RandomResizedCrop(size=(size, size), scale=(float(lo), float(hi)), ratio=(0.75, 4 / 3),
+    t: list[alb.BasicTransform | alb.BaseCompose] = [
+        alb.RandomResizedCrop(size=(size, size), scale=(float(lo), float(hi)), ratio=(0.75, 4 / 3),
                             interpolation=cv2.INTER_AREA, p=1.0)]
 
     def add(key: str, make) -> None:
@@ -37,21 +37,21 @@ def train_pipeline(size: int, aug: dict[str, Any]) -> A.Compose:
         if p > 0:
             t.append(make(p))
 
-    add("hflip", lambda p: A.HorizontalFlip(p=p))
-    add("vflip", lambda p: A.VerticalFlip(p=p))
-    add("transpose", lambda p: A.Transpose(p=p))
-    add("rotate", lambda p: A.RandomRotate90(p=p))
-    add("shift_scale_rotate", lambda p: A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625),
+    add("hflip", lambda p: alb.HorizontalFlip(p=p))
+    add("vflip", lambda p: alb.VerticalFlip(p=p))
+    add("transpose", lambda p: alb.Transpose(p=p))
+    add("rotate", lambda p: alb.RandomRotate90(p=p))
+    add("shift_scale_rotate", lambda p: alb.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625),
                                                  rotate=(-45, 45), interpolation=cv2.INTER_LINEAR,
                                                  border_mode=cv2.BORDER_REFLECT_101, p=p))
-    add("color_jitter", lambda p: A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=p))
-    add("clahe", lambda p: A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(8, 8), p=p))
-    add("blur", lambda p: A.OneOf([A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.2, 1.5)),
-                                   A.MotionBlur(blur_limit=(3, 5))], p=p))
-    add("noise", lambda p: A.GaussNoise(std_range=(0.02, 0.08), p=p))
-    add("coarse_dropout", lambda p: A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
+    add("color_jitter", lambda p: alb.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=p))
+    add("clahe", lambda p: alb.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(8, 8), p=p))
+    add("blur", lambda p: alb.OneOf([alb.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.2, 1.5)),
+                                     alb.MotionBlur(blur_limit=(3, 5))], p=p))
+    add("noise", lambda p: alb.GaussNoise(std_range=(0.02, 0.08), p=p))
+    add("coarse_dropout", lambda p: alb.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
                                                     hole_width_range=(0.05, 0.15), fill=0, p=p))
-    return A.Compose(t, seed=0)
+    return alb.Compose(t, seed=0)
 
 
 class TrainTransform:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lib.core.artifacts import WEIGHTS_SHA256
 from lib.core.io import read_json, write_json
 from lib.core.progress import progress
 from lib.vision import backbones
@@ -169,4 +170,4 @@ def embed_paths(model: Callable[[torch.Tensor], torch.Tensor], paths: list[str],
 
 def weights_sha_cache(prep: str | os.PathLike) -> Path:
     """Where the weights files' sha256 are remembered (`file_sha256`): one JSON file in the prep folder."""
-    return Path(prep) / "weights_sha256.json"
+    return Path(prep) / WEIGHTS_SHA256

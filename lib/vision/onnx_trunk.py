@@ -40,7 +40,6 @@ from lib.vision.embed import spec_key
 
 log = logging.getLogger(__name__)
 
-ONNX_DIR = "onnx"            # <prep>/onnx/<name>-<key>.onnx
 ONNX_FORMAT_VERSION = 1      # bump when what an exported file holds changes meaning
 OPSET = 17
 ATOL = 1e-4                  # max abs difference of the outputs, ONNX Runtime vs PyTorch, at export

@@ -41,10 +41,3 @@ def apply_view(x: torch.Tensor, view: str) -> torch.Tensor:
     if view == "antitranspose":
         return x.rot90(2, (-2, -1)).transpose(-2, -1)
     raise PipelineError(f"unknown TTA view '{view}'")
-
-
-@torch.no_grad()
-def tta_forward(fn, x: torch.Tensor, views: list[str], reduce: str = "mean") -> torch.Tensor:
-    """Run `fn` on each view of `x`; mean over views ([B, ...]) or stacked ([V, B, ...])."""
-    outs = torch.stack([fn(apply_view(x, v)) for v in views])
-    return outs.mean(0) if reduce == "mean" else outs

@@ -9,7 +9,7 @@ import yaml
 
 from lib.config import cli, load, schema
 from lib.config.schema import FINETUNE_SPEC
-from lib.core import artifacts
+from lib.core import artifacts as A
 from lib.core.errors import ConfigError, PipelineError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,13 +189,13 @@ def test_bad_enums():
 def test_prep_path_derived_from_output_and_data_root(tmp_path, root, name):
     cfg = load.load_config(None, [f"data.root={root}", f"paths.output={tmp_path}"])
     assert Path(cfg["paths"]["prep"]) == tmp_path / "prep" / name
-    assert artifacts.prep_dir(cfg) == tmp_path / "prep" / name
-    assert artifacts.exp_dir(cfg) == tmp_path / "default"
+    assert A.prep_dir(cfg) == tmp_path / "prep" / name
+    assert A.exp_dir(cfg) == tmp_path / "default"
 
 
 def test_explicit_prep_path_wins(tmp_path):
     cfg = load.load_config(None, [f"paths.prep={tmp_path / 'p'}", "paths.output=elsewhere"])
-    assert artifacts.prep_dir(cfg) == tmp_path / "p"
+    assert A.prep_dir(cfg) == tmp_path / "p"
 
 
 # --------------------------------------------------------------------------- base includes
@@ -238,7 +238,7 @@ def test_shipped_configs_load():
 def test_save_config_round_trip(tmp_path):
     cfg = load.load_config(ROOT / "configs" / "milk10k_sample" / "stack.yaml",
                         [f"paths.output={tmp_path}", "train.lr=2e-4", "features.tta=[all8]"])
-    path = artifacts.save_config(cfg, tmp_path / "run")
+    path = A.save_config(cfg, tmp_path / "run")
     assert path == tmp_path / "run" / "config.yaml"
     assert load.load_config(path) == cfg
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]   # no temp files left
@@ -250,7 +250,7 @@ def test_cli_flags_become_overrides(tmp_path):
                             "cache.size=96"], "desc")
     assert cfg["data"]["root"] == "somewhere/ham"
     assert cfg["exp"] == "e1" and cfg["cache"]["size"] == 96
-    assert artifacts.prep_dir(cfg) == tmp_path / "prep" / "ham"
+    assert A.prep_dir(cfg) == tmp_path / "prep" / "ham"
 
 
 def test_run_script_turns_pipeline_error_into_exit_2(capsys):

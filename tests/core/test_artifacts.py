@@ -3,6 +3,8 @@ check, the transitive stage times and the cv.json document (no stage run: tiny f
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -31,6 +33,10 @@ def test_names_and_folders(tmp_path: Path) -> None:
     assert A.features_file("lite0", "train") == "lite0_train.parquet"
     assert A.features_file("lite0", "test", "json") == "lite0_test.json"
     assert A.head_file("oof", "xgb") == "oof_xgb.parquet" and A.fold_name(3) == "fold3"
+    assert A.cache_file("train") == "train.parquet" and A.cache_file("test", "json") == "test.json"
+    assert A.trunk_file("test", "clinical") == "test_clinical.npy"
+    assert (A.CHECKPOINT, A.MODEL, A.FOLD_SUMMARY_JSON, A.HISTORY) == ("checkpoint.pt", "model.pt", "summary.json",
+                                                                       "history.csv")
     assert A.exp_folder(cfg) == A.exp_dir(cfg) == tmp_path / "e1"
     assert A.exp_folder(cfg, "other") == tmp_path / "other"
     assert A.features_dir(cfg) == tmp_path / "e1" / "features"
@@ -50,6 +56,33 @@ def test_config_fingerprint_ignores_runtime_keys_only(tmp_path: Path) -> None:
     for ov in ("seed=1", "train.epochs=9", "folds.seed=3", "stack.pca_components=5"):
         assert A.config_fingerprint(_cfg(tmp_path, "e1", ov)) != fp, ov
     assert cfg == _cfg(tmp_path)  # the config itself is not modified
+
+
+def _fold_fingerprint_before_one_function(cfg: dict) -> str:
+    """lib/training/fold.py's own fingerprint before it moved here (kept so existing fold{k}/ stay valid)."""
+    t = {k: v for k, v in cfg["train"].items() if k not in ("workers", "log_every", "folds", "keep_checkpoint")}
+    key = {"train": t, "seed": cfg["seed"], "prep": str(cfg["paths"]["prep"]), "folds": cfg["folds"],
+           "format": cfg["data"]["format"]}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def test_fold_fingerprint_scope(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    fp = A.config_fingerprint(cfg, scope="fold")
+    assert fp == _fold_fingerprint_before_one_function(cfg) and fp != A.config_fingerprint(cfg)
+    shipped = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*train*.yaml"))
+    assert shipped
+    for p in shipped:
+        c = load_config(p)
+        assert A.config_fingerprint(c, scope="fold") == _fold_fingerprint_before_one_function(c), p
+    # runtime keys and the sections a fold does not read leave it; what trains the fold changes it
+    for ov in ("exp=other", "train.workers=3", "train.folds=[1]", "train.keep_checkpoint=true", "train.log_every=5",
+               f"paths.output={tmp_path / 'z'}", "stack.pca_components=5", "submit.blend=rank", "cache.size=64"):
+        assert A.config_fingerprint(_cfg(tmp_path, "e1", ov), scope="fold") == fp, ov
+    for ov in ("seed=1", "train.epochs=9", "folds.seed=3", f"paths.prep={tmp_path / 'other'}", "data.format=ham10000"):
+        assert A.config_fingerprint(_cfg(tmp_path, "e1", ov), scope="fold") != fp, ov
+    with pytest.raises(ValueError, match="scope"):
+        A.config_fingerprint(cfg, scope="folds")
 
 
 def test_manifest_content(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""lib.io: atomic writes (nothing half-written, no temp files on failure), table readers, id guards."""
+"""lib.core.io: atomic writes (nothing half-written, no temp files on failure), table readers, id guards."""
 from __future__ import annotations
 
 import json

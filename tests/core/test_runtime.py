@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,8 +52,30 @@ def test_torch_device_cpu_and_missing_cuda(monkeypatch: pytest.MonkeyPatch) -> N
     assert runtime.torch_device({"device": "auto"}) == "cpu"
     with pytest.raises(PipelineError, match="CUDA is not available"):
         runtime.torch_device({"device": "cuda"})
+    assert runtime.torch_device({"device": "cpu"}) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.torch_device({"device": "auto"}) == "cuda" and runtime.resolve_device("cuda:1") == "cuda:1"
+
+
+def test_resolve_device_names_its_key_and_runs_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError (a stacking-only install)
+    assert runtime.resolve_device("auto", "stack.xgb.device") == "cpu"
+    assert runtime.resolve_device("cpu", "stack.xgb.device") == "cpu"
+    with pytest.raises(PipelineError, match=r"^config: stack.xgb.device 'cuda' requested but CUDA is not available "
+                                            r"\(use stack.xgb.device=cpu or auto\)$"):
+        runtime.resolve_device("cuda", "stack.xgb.device")
 
 
 def test_seed_for_is_stable_and_distinct() -> None:
     assert runtime.seed_for(1, 2) == runtime.seed_for(1, 2) != runtime.seed_for(2, 1)
     assert runtime.cpu_count() >= 1
+
+
+def test_cpu_count_is_the_affinity_not_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 3}, raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
+    assert runtime.cpu_count() == 2                     # the cores this process may run on
+    monkeypatch.delattr(runtime.os, "sched_getaffinity")
+    assert runtime.cpu_count() == 64                    # platforms without affinity (macOS, Windows)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: None)
+    assert runtime.cpu_count() == 1

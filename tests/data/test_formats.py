@@ -12,7 +12,7 @@ import pytest
 
 from lib.config.load import load_config
 from lib.core.errors import PipelineError
-from lib.data import formats as D
+from lib.data import formats
 from tests.helpers import (
     HAM_ROWS,
     ISIC2019_CLASSES,
@@ -42,8 +42,8 @@ def cfg_for(root: Path, *ov: str) -> dict:
 
 # --------------------------------------------------------------------------- MILK10k sample
 @pytest.fixture(scope="module")
-def milk_train() -> D.Raw:
-    return D.read_split(cfg_for(SAMPLE), "train")
+def milk_train() -> formats.Raw:
+    return formats.read_split(cfg_for(SAMPLE), "train")
 
 
 def test_milk_train_table(milk_train):
@@ -77,9 +77,9 @@ def test_milk_train_images_and_metadata_match_csv(milk_train):
 
 def test_milk_test_split_never_reads_held_out(monkeypatch):
     opened = []
-    real = D.read_csv
-    monkeypatch.setattr(D.milk10k, "read_csv", lambda p, *a, **k: opened.append(Path(p)) or real(p, *a, **k))
-    raw = D.read_split(cfg_for(SAMPLE), "test")
+    real = formats.read_csv
+    monkeypatch.setattr(formats.milk10k, "read_csv", lambda p, *a, **k: opened.append(Path(p)) or real(p, *a, **k))
+    raw = formats.read_split(cfg_for(SAMPLE), "test")
     assert [p.name for p in opened] == [TEST_META]
     t = raw.table
     assert len(t) == N_TEST and t["lesion_id"].is_unique
@@ -93,7 +93,7 @@ def test_milk_test_split_never_reads_held_out(monkeypatch):
 def test_milk_flat_image_folder_reads_the_same(tmp_path, milk_train):
     root = copy_sample(tmp_path / "flat", flat=True)
     assert not [p for p in (root / "MILK10k_Training_Input").iterdir() if p.is_dir()]
-    raw = D.read_split(cfg_for(root), "train")
+    raw = formats.read_split(cfg_for(root), "train")
     a, b = milk_train.table, raw.table
     assert list(a.columns) == list(b.columns)
     src = [c for c in a.columns if c.startswith("src_")]
@@ -101,18 +101,18 @@ def test_milk_flat_image_folder_reads_the_same(tmp_path, milk_train):
     for c in src:
         assert all(Path(p).parent == root / "MILK10k_Training_Input" for p in b[c])
         assert [Path(p).name for p in a[c]] == [Path(p).name for p in b[c]]
-    assert len(D.read_split(cfg_for(root), "test").table) == N_TEST
+    assert len(formats.read_split(cfg_for(root), "test").table) == N_TEST
 
 
 def test_missing_test_release_gives_none(tmp_path):
     root = copy_sample(tmp_path / "s")
     (root / TEST_META).unlink()
-    assert D.read_split(cfg_for(root), "test") is None
+    assert formats.read_split(cfg_for(root), "test") is None
 
 
 def test_missing_data_folder(tmp_path):
     with pytest.raises(PipelineError, match=r"data folder not found: .*nowhere"):
-        D.read_split(cfg_for(tmp_path / "nowhere"), "train")
+        formats.read_split(cfg_for(tmp_path / "nowhere"), "train")
 
 
 def test_milk_missing_image_folder(tmp_path):
@@ -121,7 +121,7 @@ def test_milk_missing_image_folder(tmp_path):
     for name in (TRAIN_META, TRAIN_GT):
         (root / name).write_bytes((SAMPLE / name).read_bytes())
     with pytest.raises(PipelineError, match=r"MILK10k images: none of \['MILK10k_Training_Input', 'images'\]"):
-        D.read_split(cfg_for(root), "train")
+        formats.read_split(cfg_for(root), "train")
 
 
 def test_milk_unknown_image_type(tmp_path):
@@ -130,7 +130,7 @@ def test_milk_unknown_image_type(tmp_path):
     meta.loc[3, "image_type"] = "clinical: overview"
     write_raw(meta, root / TRAIN_META)
     with pytest.raises(PipelineError, match=r"Metadata\.csv: line 5: unknown image_type 'clinical: overview'"):
-        D.read_split(cfg_for(root), "train")
+        formats.read_split(cfg_for(root), "train")
 
 
 def test_milk_gt_and_metadata_disagree(tmp_path):
@@ -139,13 +139,13 @@ def test_milk_gt_and_metadata_disagree(tmp_path):
     write_raw(gt.iloc[1:], root / TRAIN_GT)
     with pytest.raises(PipelineError, match=rf"GroundTruth\.csv: 0 lesions without metadata .*1 metadata lesions "
                                             rf"without ground truth \(e\.g\. \['{gt['lesion_id'][0]}'\]\)"):
-        D.read_split(cfg_for(root), "train")
+        formats.read_split(cfg_for(root), "train")
 
 
 # --------------------------------------------------------------------------- HAM10000
 def test_ham_reader(tmp_path):
     root = make_ham(tmp_path / "ham")
-    raw = D.read_split(cfg_for(root, "data.format=ham10000"), "train")
+    raw = formats.read_split(cfg_for(root, "data.format=ham10000"), "train")
     t = raw.table
     assert len(t) == len(HAM_ROWS) and raw.classes == ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     assert t["lesion_id"].tolist() == [r[1] for r in HAM_ROWS]          # one row per image
@@ -159,9 +159,9 @@ def test_ham_reader(tmp_path):
 
 
 def test_ham_literal_unknown_category_is_encoded_as_unknown(tmp_path):
-    raw = D.read_split(cfg_for(make_ham(tmp_path / "ham"), "data.format=ham10000"), "train")
-    enc = D.fit_meta_encoders(raw.table, raw.num_cols, raw.cat_cols)
-    meta = D.apply_meta_encoders(raw.table, enc, "train")
+    raw = formats.read_split(cfg_for(make_ham(tmp_path / "ham"), "data.format=ham10000"), "train")
+    enc = formats.fit_meta_encoders(raw.table, raw.num_cols, raw.cat_cols)
+    meta = formats.apply_meta_encoders(raw.table, enc, "train")
     unk = (raw.table["sex"] == "unknown").to_numpy()
     assert unk.sum() == 2
     assert (meta.loc[unk, "meta_sex_unknown"] == 1).all()
@@ -175,7 +175,7 @@ def test_ham_test_split_without_lesion_ids(tmp_path):
     root = make_ham(tmp_path / "ham")
     pd.DataFrame({"image_id": ["ISIC_0024001", "ISIC_0024002"], "age": ["40", ""], "sex": ["male", "female"],
                   "localization": ["back", "ear"]}).to_csv(root / "HAM10000_test_metadata.csv", index=False)
-    raw = D.read_split(cfg_for(root, "data.format=ham10000"), "test")
+    raw = formats.read_split(cfg_for(root, "data.format=ham10000"), "test")
     assert len(raw.table) == 2 and not raw.table.filter(like="y_").shape[1]
     assert raw.group_col is None or raw.group_col in raw.table
 
@@ -193,13 +193,13 @@ def test_ham_errors(tmp_path, col, value, pattern):
     df.loc[2, col] = value if value else np.nan
     write_raw(df, root / "HAM10000_metadata.csv")
     with pytest.raises(PipelineError, match=pattern):
-        D.read_split(cfg_for(root, "data.format=ham10000"), "train")
+        formats.read_split(cfg_for(root, "data.format=ham10000"), "train")
 
 
 # --------------------------------------------------------------------------- ISIC 2019
 def test_isic2019_reader(tmp_path):
     root = make_isic2019(tmp_path / "i19")
-    raw = D.read_split(cfg_for(root, "data.format=isic2019"), "train")
+    raw = formats.read_split(cfg_for(root, "data.format=isic2019"), "train")
     t = raw.table
     assert raw.classes == ISIC2019_CLASSES and "y_UNK" not in t
     assert t["lesion_id"].tolist() == [f"ISIC_000000{i}" for i in range(1, 7)]
@@ -220,14 +220,14 @@ def test_isic2019_two_labels(tmp_path):
     gt.loc[2, "MEL"] = "1.0"
     write_raw(gt, root / "ISIC_2019_Training_GroundTruth.csv")
     with pytest.raises(PipelineError, match=r"GroundTruth\.csv: line 4 \(ISIC_0000003\) has 2 labels; exactly one"):
-        D.read_split(cfg_for(root, "data.format=isic2019"), "train")
+        formats.read_split(cfg_for(root, "data.format=isic2019"), "train")
 
 
 # --------------------------------------------------------------------------- generic CSV
 def test_generic_label_col(tmp_path):
     root = make_generic(tmp_path / "g")
     cfg = generic_cfg(root, tmp_path / "o", "data.generic.label_col=diagnosis", "data.generic.group_col=patient")
-    raw = D.read_split(cfg, "train")
+    raw = formats.read_split(cfg, "train")
     t = raw.table
     assert raw.classes == ["benign", "malignant", "other"] and raw.task == "multiclass"
     assert t["lesion_id"].tolist() == [f"C{i:03d}" for i in range(12)]
@@ -241,13 +241,13 @@ def test_generic_label_col(tmp_path):
 def test_generic_multilabel_cols(tmp_path):
     root = make_generic(tmp_path / "g")
     cfg = generic_cfg(root, tmp_path / "o", "data.generic.label_cols=[ulcer, pigment, bleeding]")
-    raw = D.read_split(cfg, "train")
+    raw = formats.read_split(cfg, "train")
     assert raw.task == "multilabel" and raw.classes == ["ulcer", "pigment", "bleeding"]
     y = raw.table[["y_ulcer", "y_pigment", "y_bleeding"]].to_numpy()
     assert (y.sum(1) >= 1).all() and (y.sum(1) == 2).any()
     assert y[:, 2].tolist() == [float(i % 3 == 0) for i in range(12)]
     with pytest.raises(PipelineError, match=r"train\.csv: line 2 \(C000\) has 2 labels; exactly one is required"):
-        D.read_split(generic_cfg(root, tmp_path / "o", "data.generic.label_cols=[ulcer, pigment, bleeding]",
+        formats.read_split(generic_cfg(root, tmp_path / "o", "data.generic.label_cols=[ulcer, pigment, bleeding]",
                                  "data.task=multiclass"), "train")
 
 
@@ -255,10 +255,10 @@ def test_generic_test_split(tmp_path):
     root = make_generic(tmp_path / "g")
     cfg = generic_cfg(root, tmp_path / "o", "data.generic.label_col=diagnosis")
     with pytest.raises(PipelineError, match="data.classes must be set for a generic test split"):
-        D.read_split(cfg, "test")
+        formats.read_split(cfg, "test")
     cfg = generic_cfg(root, tmp_path / "o", "data.generic.label_col=diagnosis",
                       "data.classes=[benign, malignant, other]")
-    raw = D.read_split(cfg, "test")
+    raw = formats.read_split(cfg, "test")
     assert raw.table["lesion_id"].tolist() == ["T000", "T001", "T002", "T003"]
     assert all(Path(p).exists() for p in raw.table["src_dermoscopic"])
 
@@ -289,34 +289,34 @@ def test_generic_errors(tmp_path, overrides, edit, pattern):
         write_raw(df, root / "train.csv")
     cfg = generic_cfg(root, tmp_path / "o", *overrides)
     if pattern is None:
-        assert "unsure" in D.read_split(cfg, "train").classes
+        assert "unsure" in formats.read_split(cfg, "train").classes
         return
     with pytest.raises(PipelineError, match=pattern):
-        D.read_split(cfg, "train")
+        formats.read_split(cfg, "train")
 
 
 # --------------------------------------------------------------------------- CSV and label validation
 def test_read_csv_errors(tmp_path):
     p = tmp_path / "x.csv"
     with pytest.raises(PipelineError, match=r"T: file not found: .*x\.csv"):
-        D.read_csv(p, "T")
+        formats.read_csv(p, "T")
     p.write_bytes(b"")
     with pytest.raises(PipelineError, match=r"T: .*x\.csv is empty"):
-        D.read_csv(p, "T")
+        formats.read_csv(p, "T")
     p.write_text("a,b\n")
     with pytest.raises(PipelineError, match=r"x\.csv has a header but no rows"):
-        D.read_csv(p, "T")
+        formats.read_csv(p, "T")
     p.write_text("a,b\n1,2\n1,2,3,4\n")
     with pytest.raises(PipelineError, match=r"x\.csv is not a valid CSV: .*line 3"):
-        D.read_csv(p, "T")
+        formats.read_csv(p, "T")
     p.write_bytes(b"a,b\n\xff\xfe\x00bad,1\n")
     with pytest.raises(PipelineError, match=r"x\.csv is not a valid CSV"):
-        D.read_csv(p, "T")
+        formats.read_csv(p, "T")
     p.write_text("a,b\n1,2\n")
     with pytest.raises(PipelineError, match=r"x\.csv lacks columns \['c'\]"):
-        D.read_csv(p, "T", ["a", "c"])
+        formats.read_csv(p, "T", ["a", "c"])
     p.write_text(" a , b\nNA,\n")
-    df = D.read_csv(p, "T", ["a", "b"])                 # header whitespace stripped; 'NA' kept as text
+    df = formats.read_csv(p, "T", ["a", "b"])                 # header whitespace stripped; 'NA' kept as text
     assert df["a"].tolist() == ["NA"] and df["b"].isna().all()
 
 
@@ -324,18 +324,18 @@ def test_onehot_label_rules(tmp_path):
     p = Path("gt.csv")
     gt = pd.DataFrame({"id": ["a", "b", "c"], "X": ["1", "0", "0.5"], "Y": ["0", "1", "0.5"]})
     with pytest.raises(PipelineError, match=r"gt\.csv: line 4 \(c\): labels must be 0 or 1"):
-        D.onehot_labels(gt.copy(), "id", p, None)
+        formats.onehot_labels(gt.copy(), "id", p, None)
     gt.loc[2, ["X", "Y"]] = ["0", "0"]
     with pytest.raises(PipelineError, match=r"line 4 \(c\) has no label; exactly one"):
-        D.onehot_labels(gt.copy(), "id", p, None)
+        formats.onehot_labels(gt.copy(), "id", p, None)
     with pytest.raises(PipelineError, match=r"line 4 \(c\) has no label; at least one"):
-        D.onehot_labels(gt.copy(), "id", p, None, multilabel=True)
+        formats.onehot_labels(gt.copy(), "id", p, None, multilabel=True)
     gt.loc[2, ["X", "Y"]] = ["1", "1"]
-    y, cls = D.onehot_labels(gt.copy(), "id", p, None, multilabel=True)
+    y, cls = formats.onehot_labels(gt.copy(), "id", p, None, multilabel=True)
     assert cls == ["X", "Y"] and y["y_X"].tolist() == [1.0, 0.0, 1.0]
     with pytest.raises(PipelineError, match=r"unknown class columns \['Y'\]; expected \['X', 'Z'\]"):
-        D.onehot_labels(gt.copy(), "id", p, ["X", "Z"])
-    y, cls = D.onehot_labels(gt[["id", "Y", "X"]].iloc[:2].copy(), "id", p, ["X", "Y"])
+        formats.onehot_labels(gt.copy(), "id", p, ["X", "Z"])
+    y, cls = formats.onehot_labels(gt[["id", "Y", "X"]].iloc[:2].copy(), "id", p, ["X", "Y"])
     assert cls == ["X", "Y"] and list(y.columns) == ["lesion_id", "y_X", "y_Y"]   # the known order
 
 
@@ -344,11 +344,11 @@ def test_encoders_fitted_on_train_only(caplog):
     train = pd.DataFrame({"age": [30.0, 40.0, 50.0, np.nan], "sex": ["male", "female", "male", np.nan],
                           "site": ["trunk", "face", "trunk", "trunk"]})
     test = pd.DataFrame({"age": [90.0, np.nan], "sex": ["other", "female"], "site": ["palms", np.nan]})
-    enc = D.fit_meta_encoders(train, ["age"], ["sex", "site"])
+    enc = formats.fit_meta_encoders(train, ["age"], ["sex", "site"])
     assert enc["num"]["age"] == {"mean": 40.0, "std": pytest.approx(10.0)}
     assert enc["cat"] == {"sex": ["female", "male"], "site": ["face", "trunk"]}
     with caplog.at_level(logging.WARNING, logger="lib.data.formats"):
-        m = D.apply_meta_encoders(test, enc, "test")
+        m = formats.apply_meta_encoders(test, enc, "test")
     assert "test: 1 of 2 rows lack 'age'" in caplog.text and "lack 'site'" in caplog.text
     assert m["meta_age"].tolist() == pytest.approx([5.0, 0.0])
     assert m["meta_age_missing"].tolist() == [0.0, 1.0]
@@ -356,11 +356,11 @@ def test_encoders_fitted_on_train_only(caplog):
     assert m["meta_site_unknown"].tolist() == [1.0, 1.0]
     assert "meta_sex_other" not in m and "meta_site_palms" not in m
     assert m.dtypes.eq(np.float32).all()
-    assert list(m.columns) == list(D.apply_meta_encoders(train, enc, "train").columns)
+    assert list(m.columns) == list(formats.apply_meta_encoders(train, enc, "train").columns)
 
 
 def test_encoder_degenerate_columns():
-    enc = D.fit_meta_encoders(pd.DataFrame({"a": [5.0, 5.0], "b": [np.nan, np.nan], "c": [1.0, np.nan]}),
+    enc = formats.fit_meta_encoders(pd.DataFrame({"a": [5.0, 5.0], "b": [np.nan, np.nan], "c": [1.0, np.nan]}),
                               ["a", "b", "c"], [])
     assert enc["num"] == {"a": {"mean": 5.0, "std": 1.0}, "b": {"mean": 0.0, "std": 1.0},
                           "c": {"mean": 1.0, "std": 1.0}}
@@ -369,12 +369,12 @@ def test_encoder_degenerate_columns():
 def test_generic_binary_one_column_with_negatives(tmp_path):
     root = make_generic(tmp_path / "g")
     cfg = generic_cfg(root, tmp_path / "o", "data.task=binary", "data.generic.label_cols=[bleeding]")
-    raw = D.read_split(cfg, "train")
+    raw = formats.read_split(cfg, "train")
     assert raw.task == "binary" and raw.classes == ["bleeding"]
     assert raw.table["y_bleeding"].tolist() == [float(i % 3 == 0) for i in range(12)]  # negatives kept
     with pytest.raises(PipelineError, match="binary task takes one 0/1 column"):
-        D.read_split(generic_cfg(root, tmp_path / "o", "data.task=binary",
+        formats.read_split(generic_cfg(root, tmp_path / "o", "data.task=binary",
                                  "data.generic.label_cols=[ulcer, pigment]"), "train")
     with pytest.raises(PipelineError, match="not label_col"):
-        D.read_split(generic_cfg(root, tmp_path / "o", "data.task=binary",
+        formats.read_split(generic_cfg(root, tmp_path / "o", "data.task=binary",
                                  "data.generic.label_col=diagnosis"), "train")

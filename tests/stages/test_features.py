@@ -51,7 +51,7 @@ def test_extract_writes_id_keyed_tables(prepared: Path) -> None:
     man = read_json(prepared / "f1/features/manifest.json")
     assert man["stage"] == "features" and man["exp"] == "f1/features" and man["folds_sha1"] == artifacts.folds_sha1(cfg)
     assert [(i["role"], i["stage"]) for i in man["inputs"]] == [("prep", "prepare")] and man["wall_seconds"] > 0
-    meta = artifacts.feature_info(cfg, "tiny")
+    meta = read_json(artifacts.features_dir(cfg) / artifacts.features_file("tiny", "train", "json"))
     assert meta["views"] == ["id", "hflip"] and meta["n_images"] == 2 * len(train)
 
 

@@ -1,4 +1,4 @@
-"""Stage 01 (lib.prepare.run / 01_preprocess.py) end to end on the shipped sample and on broken copies:
+"""Stage 01 (lib.stages.prepare.run / 01_preprocess.py) end to end on the shipped sample and on broken copies:
 outputs, folds written once, encoders fitted on train only, cache reuse, every bad input -> one clear
 PipelineError and nothing written, the script's exit code."""
 from __future__ import annotations
@@ -94,9 +94,9 @@ def test_end_to_end_sample(tmp_path):
         for m in ("dermoscopic", "clinical"):
             for rel, lid in zip(df[f"path_{m}"], df["lesion_id"]):
                 assert rel == f"images/short_side64_q90/{lid}__{m}.jpg"
-                p = dataset.image_path(cfg, rel)
+                p = prep_of(cfg) / rel
                 assert p.is_file()
-    some = dataset.image_path(cfg, tr["path_dermoscopic"].iloc[0])
+    some = prep_of(cfg) / tr["path_dermoscopic"].iloc[0]
     with Image.open(some) as im:
         assert im.format == "JPEG" and min(im.size) == 64
     n_images = len(list((prep / "images" / "short_side64_q90").glob("*.jpg")))
@@ -162,7 +162,7 @@ def test_cache_mode_none_with_relative_data_root(tmp_path, monkeypatch):
     cfg = milk_cfg(Path(SAMPLE.name), tmp_path / "out", "cache.mode=none")
     prepare.run(cfg)
     tr = pd.read_parquet(prep_of(cfg) / "train.parquet")
-    assert all(dataset.image_path(cfg, p).is_file() for p in tr["path_dermoscopic"])
+    assert all((prep_of(cfg) / p).is_file() for p in tr["path_dermoscopic"])
 
 
 # --------------------------------------------------------------------------- folds written once

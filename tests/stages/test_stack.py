@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lib.core import artifacts as A
-from lib.core.errors import MissingArtifactError
+from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import ID, read_json, write_parquet
 from lib.data.dataset import load_dataset
 from lib.stages import stack
@@ -78,3 +78,14 @@ def test_stack_refuses_features_made_on_other_folds_or_without_manifest(preps: P
     (folder / A.MANIFEST).unlink()
     with pytest.raises(MissingArtifactError, match="no manifest.json.*rerun 03_extract_features.py"):
         stack.run(cfg)
+
+
+def test_patient_features_need_grouped_folds_and_test_patients():
+    tr = pd.DataFrame({"lesion_id": ["a", "b"], "fold": [0, 1], "y_X": [1.0, 0.0], "group": ["p", "q"]})
+    with pytest.raises(PipelineError, match="folds grouped by it"):
+        stack.add_patient_features({}, {"group": None}, tr, None, tr, None, {})
+    with pytest.raises(PipelineError, match="folds grouped by it"):
+        stack.add_patient_features({}, {"group": "group"}, tr.drop(columns="group"), None, tr, None, {})
+    te = pd.DataFrame({"lesion_id": ["t"]})
+    with pytest.raises(PipelineError, match="test table has no patient column"):
+        stack.add_patient_features({}, {"group": "group"}, tr, te, tr, te, {})

@@ -11,7 +11,6 @@ from lib.core import artifacts as A
 from lib.core.io import ID, read_json, write_json, write_parquet
 from lib.data.dataset import load_dataset
 from lib.stages import train as train_stage
-from lib.training.fold import fingerprint
 from tests.stages.conftest import stage_cfg
 
 
@@ -27,8 +26,9 @@ def _fake_folds(cfg: dict, seconds: float = 10.0) -> None:
             tab = pd.DataFrame(rng.normal(size=(len(df), len(classes))), columns=classes)
             tab.insert(0, ID, df[ID].to_numpy())
             write_parquet(tab, d / name)
-        write_json({"fold": int(k), "fingerprint": fingerprint(cfg), "early_stopping_used": False,
-                    "weights_for_oof": "last", "views": ["id"], "seconds": seconds}, d / A.FOLD_SUMMARY_JSON)
+        write_json({"fold": int(k), "fingerprint": A.config_fingerprint(cfg, scope="fold"),
+                    "early_stopping_used": False, "weights_for_oof": "last", "views": ["id"], "seconds": seconds},
+                   d / A.FOLD_SUMMARY_JSON)
 
 
 def test_aggregate_writes_common_cv_json_and_manifest(preps: Path) -> None:

@@ -1,18 +1,16 @@
-"""Tests for lib.stack: fold mechanics (planted leaks, per-row provenance, PCA inside folds), guards,
+"""lib.tabular.stackers: fold mechanics (planted leaks, per-row provenance, PCA inside folds), guards,
 rare classes, output shapes. Tiny synthetic data, CPU, small boosters."""
 from __future__ import annotations
 
 import logging
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from lib.config.schema import STACK_DEFAULTS
-from lib.core.errors import PipelineError
-from lib.stages import stack as stack_stage
-from lib.tabular import stackers as stack
+from lib.core.errors import ConfigError, PipelineError
+from lib.tabular import stackers
 
 # n_jobs=1: OpenMP threads slow down ~10x when the 2 cores are shared with other test runs.
 FAST = {"pca_components": 4,
@@ -21,7 +19,7 @@ FAST = {"pca_components": 4,
 
 
 def cfg(**kw) -> dict:
-    return stack._merge(STACK_DEFAULTS, {**FAST, **kw})
+    return stackers.stack_settings({**FAST, **kw})
 
 
 def make_data(n: int = 300, n_classes: int = 4, k: int = 5, seed: int = 0, signal: float = 0.5):
@@ -59,7 +57,7 @@ def test_planted_leak_only_helps_when_present_out_of_fold(everywhere):
     df["oof_leak"] = leak
     test["oof_leak"] = 0.0
     blocks = {**blocks, "oof": ["oof_leak"]}
-    res = stack.fit_predict_stack(df, test, blocks, classes, cfg())
+    res = stackers.fit_predict_stack(df, test, blocks, classes, cfg())
     acc = probs(res.oof, classes).argmax(1) == lab
     if everywhere:   # power: a real signal is found out of fold
         assert acc.mean() > 0.9
@@ -96,8 +94,8 @@ def test_every_row_predicted_by_models_that_never_saw_it(monkeypatch):
     df, test, blocks, classes, _ = make_data()
     records: list[dict] = []
     for name in ("XGBClassifier", "LGBMClassifier", "LogisticRegression"):
-        monkeypatch.setattr(stack, name, _spy(getattr(stack, name), records))
-    res = stack.fit_predict_stack(df, test, blocks, classes, cfg(heads=["xgb", "lgbm", "lr"]))
+        monkeypatch.setattr(stackers, name, _spy(getattr(stackers, name), records))
+    res = stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["xgb", "lgbm", "lr"]))
     fold_of = dict(zip(df["lesion_id"], df["fold"]))
     train_ids, test_ids = set(fold_of), set(test["lesion_id"])
     kinds = {r["kind"] for r in records}
@@ -129,7 +127,7 @@ def test_pca_fitted_on_training_fold_only(monkeypatch):
     del blocks["monet"]
     fits: list[set[str]] = []
 
-    class SpyPCA(stack.PCA):
+    class SpyPCA(stackers.PCA):
         def fit(self, X, y=None):
             fits.append(_ids(X))
             return super().fit(X, y)
@@ -138,8 +136,8 @@ def test_pca_fitted_on_training_fold_only(monkeypatch):
             fits.append(_ids(X))
             return super().fit_transform(X, y)
 
-    monkeypatch.setattr(stack, "PCA", SpyPCA)
-    stack.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]))
+    monkeypatch.setattr(stackers, "PCA", SpyPCA)
+    stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]))
     assert len(fits) == 5 * 2  # two PCA blocks ("auto": names starting with emb) x five folds
     for i, ids in enumerate(fits):
         k = i // 2
@@ -180,16 +178,25 @@ def test_guards_raise_pipeline_error(corrupt):
     df, test, blocks, classes, _ = make_data(n=60)
     corrupt(df, test, blocks)
     with pytest.raises(PipelineError):
-        stack.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]))
+        stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]))
 
 
-def test_config_unknown_head_key_raises_and_device_auto_without_torch(monkeypatch):
-    with pytest.raises(PipelineError):
-        stack._merge(STACK_DEFAULTS, {"xgb": {"n_estimator": 5}})
-    assert stack._merge(STACK_DEFAULTS, {"oof_exps": []}) == STACK_DEFAULTS  # section keys of lib.config
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    assert stack.resolve_device("auto") == "cpu"
-    assert stack.resolve_device("cuda") == "cuda"
+def test_settings_are_lib_configs_merge():
+    with pytest.raises(ConfigError, match="unknown key 'stack.xgb.n_estimator'.*did you mean 'n_estimators'"):
+        stackers.stack_settings({"xgb": {"n_estimator": 5}})
+    with pytest.raises(ConfigError, match="unknown key 'stack.nope'"):
+        stackers.stack_settings({"nope": 1})
+    got = stackers.stack_settings({"oof_exps": ["m"], "xgb": {"max_depth": 2}})  # a whole stack section is fine
+    assert {k: got[k] for k in STACK_DEFAULTS} == {**STACK_DEFAULTS, "xgb": {**STACK_DEFAULTS["xgb"], "max_depth": 2}}
+    assert stackers.stack_settings(None) == STACK_DEFAULTS
+
+
+def test_device_is_runtimes_choice(monkeypatch):
+    df, test, blocks, classes, _ = make_data(n=60)
+    seen = []
+    monkeypatch.setattr(stackers, "resolve_device", lambda dev, key: seen.append((dev, key)) or "cpu")
+    stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["xgb"], xgb={**FAST["xgb"], "n_estimators": 5}))
+    assert seen == [("cpu", "stack.xgb.device")]
 
 
 # ----------------------------------------------------------------------------- 5. rare classes
@@ -208,7 +215,7 @@ def test_rare_class_absent_from_a_training_fold(renorm, caplog):
         df.loc[rows, ycols] = 0.0
         df.loc[rows, f"y_{c}"] = 1.0
     with caplog.at_level(logging.WARNING, logger="lib.tabular.stackers"):
-        res = stack.fit_predict_stack(df, test, blocks, classes, cfg(heads=["xgb", "lgbm", "lr"], renorm=renorm))
+        res = stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["xgb", "lgbm", "lr"], renorm=renorm))
     assert "constant prior" in caplog.text and "no early stopping" in caplog.text
     for table in [res.oof, res.test, *res.per_head_oof.values(), *res.per_head_test.values()]:
         p = probs(table, classes)
@@ -221,7 +228,7 @@ def test_rare_class_absent_from_a_training_fold(renorm, caplog):
 def test_outputs_ids_sums_importance_and_determinism():
     df, test, blocks, classes, lab = make_data(n=200, signal=1.0)
     c = cfg(heads=["xgb", "lr"], seeds=[0, 1], head_weights={"xgb": 2.0, "lr": 1.0})
-    res = stack.fit_predict_stack(df, test, blocks, classes, c)
+    res = stackers.fit_predict_stack(df, test, blocks, classes, c)
     assert set(res.oof["lesion_id"]) == set(df["lesion_id"]) and len(res.oof) == len(df)
     assert list(res.oof.columns) == ["lesion_id", *classes]
     assert list(res.test["lesion_id"]) == list(test["lesion_id"])
@@ -234,7 +241,7 @@ def test_outputs_ids_sums_importance_and_determinism():
     assert list(res.importance.columns) == ["feature", "class", "head", "gain"]
     assert set(res.importance["feature"]) == {f"emb_a_pc{i}" for i in range(4)} | set(blocks["monet"])
     assert (res.fold_of == df.set_index("lesion_id")["fold"]).all()
-    again = stack.fit_predict_stack(df, test, blocks, classes, c)
+    again = stackers.fit_predict_stack(df, test, blocks, classes, c)
     pd.testing.assert_frame_equal(res.oof, again.oof)
 
 
@@ -243,21 +250,10 @@ def test_inner_split_keeps_groups_together_and_stratifies():
     groups = np.repeat([f"P{i}" for i in range(40)], 3)
     y = np.zeros(120)
     y[:15] = 1  # positives in the first 5 patients
-    fit, es = stack._inner_split(y, 0.2, rng, groups)
+    fit, es = stackers.inner_split(y, 0.2, rng, groups)
     assert len(np.intersect1d(fit, es)) == 0 and len(fit) + len(es) == 120
     assert not set(groups[fit]) & set(groups[es])  # no patient on both sides
     assert y[es].sum() > 0 and y[fit].sum() > 0
-
-
-def test_patient_features_need_grouped_folds_and_test_patients():
-    tr = pd.DataFrame({"lesion_id": ["a", "b"], "fold": [0, 1], "y_X": [1.0, 0.0], "group": ["p", "q"]})
-    with pytest.raises(PipelineError, match="folds grouped by it"):
-        stack_stage._add_patient_features({}, {"group": None}, tr, None, tr, None, {})
-    with pytest.raises(PipelineError, match="folds grouped by it"):
-        stack_stage._add_patient_features({}, {"group": "group"}, tr.drop(columns="group"), None, tr, None, {})
-    te = pd.DataFrame({"lesion_id": ["t"]})
-    with pytest.raises(PipelineError, match="test table has no patient column"):
-        stack_stage._add_patient_features({}, {"group": "group"}, tr, te, tr, te, {})
 
 
 @pytest.mark.parametrize("renorm", [True, False])
@@ -269,7 +265,7 @@ def test_fold_f1_log_is_the_official_dice(renorm, caplog):
     ycols = [f"y_{c}" for c in classes]
     df = df[df[f"y_{classes[3]}"] < 0.5].reset_index(drop=True)  # class 3 in no row: never true, never predicted
     with caplog.at_level(logging.INFO, logger="lib.tabular.stackers"):
-        res = stack.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"], renorm=renorm))
+        res = stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"], renorm=renorm))
     logged = {int(m.split("stack fold ")[1].split(":")[0]): float(m.rsplit("macro F1 ", 1)[1])
               for m in caplog.messages if m.startswith("stack fold ")}
     p = probs(res.oof, classes)

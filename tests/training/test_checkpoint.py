@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.core.artifacts import config_fingerprint
 from lib.core.errors import MissingArtifactError
 from lib.training import fold as T
 from lib.training import loop as L
@@ -64,7 +65,7 @@ def test_save_restore_and_resume_refusal(prep, tmp_path):
     T.end_epoch(run, {**L.train_one_epoch(run, 0), "seconds": 0.0}, ck := Checkpointer.of(run))
     assert ck.path == run.out / "checkpoint.pt" and (run.out / "history.csv").exists()
     obj = torch.load(ck.path, weights_only=False)
-    assert obj["format_version"] == CHECKPOINT_VERSION and obj["fingerprint"] == T.fingerprint(cfg)
+    assert obj["format_version"] == CHECKPOINT_VERSION and obj["fingerprint"] == config_fingerprint(cfg, scope="fold")
     assert obj["epoch"] == 1 and obj["step"] == run.step
 
     other = T.build_fold(cfg, info, train, test, 0)

@@ -1,4 +1,4 @@
-"""lib.train / 02_train_fold.py on the shipped MILK10k sample with timm's tiny `test_efficientnet`
+"""lib.training.fold / 02_train_fold.py on the shipped MILK10k sample with timm's tiny `test_efficientnet`
 (random init, 64 px): every model kind, artifacts, aggregation, fold-model features, resume
 equivalence, torchrun DDP == one process, samplers, optimizer groups, errors."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""lib.losses against hand-computed values (numbers worked out in the comments)."""
+"""lib.training.losses against hand-computed values (numbers worked out in the comments)."""
 from __future__ import annotations
 
 import math

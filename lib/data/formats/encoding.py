@@ -44,7 +44,7 @@ def apply_meta_encoders(df: pd.DataFrame, enc: dict, split: str) -> pd.DataFrame
     return pd.DataFrame(cols, index=df.index)
 
 
-# --------------------------------------------------------------------------- loading prepared tables
+# --------------------------------------------------------------------------- column names
 def meta_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("meta_")]
 
