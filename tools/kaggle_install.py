@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lib.core.errors import PipelineError  # noqa: E402
+from tools._common import run_tool  # noqa: E402
 
 REQS = "requirements-kaggle.txt"
 NODEPS = "requirements-nodeps.txt"
@@ -151,24 +152,23 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def dispatch(args: argparse.Namespace) -> None:
+    if args.cmd == "install":
+        n = len(check_wheels(args.wheels))
+        print(f"installed {n} wheels offline from {args.wheels} in {install(args.wheels):.1f} s")
+    elif args.cmd == "export-sklesion":
+        print(f"converted sklesion weights: {export_sklesion(args.out)} (upload this folder as a dataset)")
+    elif args.cmd == "sklesion":
+        print(f"sklesion weights: {place_sklesion(args.file, args.cache)} -> {args.file}")
+    else:
+        from lib.core.runtime import check_writable
+
+        print(f"writable: {check_writable(args.dir)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.cmd == "install":
-            n = len(check_wheels(args.wheels))
-            print(f"installed {n} wheels offline from {args.wheels} in {install(args.wheels):.1f} s")
-        elif args.cmd == "export-sklesion":
-            print(f"converted sklesion weights: {export_sklesion(args.out)} (upload this folder as a dataset)")
-        elif args.cmd == "sklesion":
-            print(f"sklesion weights: {place_sklesion(args.file, args.cache)} -> {args.file}")
-        else:
-            from lib.core.runtime import check_writable
-
-            print(f"writable: {check_writable(args.dir)}")
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(lambda: dispatch(args))
 
 
 if __name__ == "__main__":
