@@ -88,13 +88,17 @@ print(sys.version.split()[0], "| code", CODE, "| work", WORK, "| recipe", RECIPE
 INSTALL_MD = """## 1. Offline install
 `tools/kaggle_install.py` checks the wheels folder (present, made for this Python and platform) and
 runs `pip install --no-index --find-links WHEELS_DIR` (no index, no internet), then sklesion with
-`--no-deps`. torch and torchvision are the kernel's own. It also checks that `WORK_DIR` is writable."""
+`--no-deps`. torch and torchvision are the kernel's own; so is ONNX Runtime (the CPU engine of the frozen
+trunks) when the image has it at a version that fits `requirements.txt`, else it comes from the wheels.
+`check-runtime` then imports ONNX Runtime and lists its providers. It also checks that `WORK_DIR` is
+writable."""
 
 INSTALL = """run("check output", sys.executable, "tools/kaggle_install.py", "check-output", OUT)
 if WHEELS_DIR:
     run("install", sys.executable, "tools/kaggle_install.py", "install", "--wheels", WHEELS_DIR)
 else:
     print("WHEELS_DIR = None: using the packages already installed")
+run("check runtime", sys.executable, "tools/kaggle_install.py", "check-runtime")
 import torch  # the preinstalled one
 print("torch", torch.__version__, "| CUDA devices:", torch.cuda.device_count())"""
 

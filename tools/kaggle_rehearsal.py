@@ -41,6 +41,7 @@ from tools._common import run_tool  # noqa: E402
 
 NOTEBOOK = ROOT / "kaggle" / "milk10k_kernel.ipynb"
 STANDIN_DISTS = ("torch", "torchvision", "ipykernel")
+SETUP_STEPS = ("check output", "install", "check runtime")  # the notebook's steps before the stages
 
 NET_GUARD = '''"""Network guard for the offline rehearsal: refuse and log any non-loopback connection or lookup."""
 import os
@@ -319,7 +320,7 @@ def check(p: dict, before: dict, wall: float, error: str | None) -> dict:
     timings_file = p["out"] / "timings.json"
     times = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     return dict(problems=problems, notebook_s=round(wall, 1), install_s=round(times.get("install", 0.0), 1),
-                stages_s=round(sum(v for k, v in times.items() if k not in ("install", "check output")), 1),
+                stages_s=round(sum(v for k, v in times.items() if k not in SETUP_STEPS), 1),
                 times={k: round(v, 1) for k, v in times.items()}, executed=str(p["work"] / "executed.ipynb"))
 
 
