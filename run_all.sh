@@ -6,7 +6,8 @@
 #   bash run_all.sh configs/milk10k_sample --data /kaggle/input/milk10k --output /kaggle/working/output
 #
 # A recipe folder holds base.yaml (01), train_*.yaml (02, each one an image-model experiment),
-# stack*.yaml (03 + 04), submit.yaml (05). Extra arguments are passed to every stage.
+# stack*.yaml (03 + 04), submit.yaml (05): `python -m lib.stages.plan RECIPE` prints the commands.
+# Only the folder's own files run (not ablations/). Extra arguments are passed to every stage.
 set -euo pipefail
 cd "$(dirname "$0")"
 RECIPE=${1:-configs/milk10k_sample}
@@ -15,14 +16,11 @@ PY=${PYTHON:-python}
 t0=$(date +%s)
 stage() { echo "=== $* ($(( $(date +%s) - t0 ))s)"; "$PY" "$@"; }
 
-stage 01_preprocess.py -c "$RECIPE/base.yaml" "$@"
-for f in "$RECIPE"/train_*.yaml; do [ -e "$f" ] && stage 02_train_fold.py -c "$f" "$@"; done
-for f in "$RECIPE"/stack*.yaml; do
-  [ -e "$f" ] || continue
-  stage 03_extract_features.py -c "$f" "$@"
-  stage 04_stack.py -c "$f" "$@"
-done
-stage 05_submit.py -c "$RECIPE/submit.yaml" "$@"
+# The stage commands, one per line, shell-quoted, extra arguments appended (lib/stages/plan.py: the
+# plan the Kaggle notebook and the e2e tests run too); a recipe without base.yaml/submit.yaml stops here.
+plan=$("$PY" -m lib.stages.plan "$RECIPE" "$@")
+mapfile -t steps <<< "$plan"
+for step in "${steps[@]}"; do eval "stage $step"; done
 if [ -f "$RECIPE/score.txt" ]; then
   # score.txt: "<truth csv> <submit exp> [task]" for a test split whose labels are held out
   # The truth file belongs to the recipe's own data: with another --data / --test-data it is skipped.

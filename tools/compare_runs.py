@@ -14,8 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lib.core.errors import PipelineError  # noqa: E402
+from tools._common import run_tool  # noqa: E402
 
 TABLES = ("oof.parquet", "test.parquet", "submission.csv", "fold*/oof.parquet", "fold*/test_logits.parquet")
 
@@ -36,6 +41,9 @@ def compare_table(a: Path, b: Path) -> tuple[bool, float]:
 
 
 def compare(out_a: Path, out_b: Path, exps: list[str], tol: float) -> int:
+    for d in (out_a, out_b):
+        if not d.is_dir():
+            raise PipelineError(f"{d} is not a folder")
     bad = 0
     for exp in exps:
         rels = sorted({p.relative_to(out_a / exp) for pat in TABLES for p in (out_a / exp).glob(pat)}
@@ -60,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exps", nargs="+", default=["sample_fusion", "sample_stack", "sample_submit"])
     p.add_argument("--tol", type=float, default=0.0)
     ns = p.parse_args(argv)
-    for d in (ns.out_a, ns.out_b):
-        if not d.is_dir():
-            print(f"error: {d} is not a folder", file=sys.stderr)
-            return 2
-    return compare(ns.out_a, ns.out_b, ns.exps, ns.tol)
+    return run_tool(lambda: compare(ns.out_a, ns.out_b, ns.exps, ns.tol))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lib.core.errors import PipelineError  # noqa: E402
+from tools._common import run_tool  # noqa: E402
+
 NOTEBOOK = ROOT / "kaggle" / "milk10k_kernel.ipynb"
 STANDIN_DISTS = ("torch", "torchvision", "ipykernel")
+SETUP_STEPS = ("check output", "install", "check runtime")  # the notebook's steps before the stages
 
 NET_GUARD = '''"""Network guard for the offline rehearsal: refuse and log any non-loopback connection or lookup."""
 import os
@@ -262,13 +269,13 @@ def build_wheels(wheels: Path) -> float:
 def prepare(args: argparse.Namespace) -> dict:
     """Wheels, venv with stand-ins, read-only code and data; returns the paths."""
     work = args.work
+    if not args.wheels.is_dir() and args.no_build:  # before anything is removed or written
+        raise PipelineError(f"wheels folder {args.wheels} not found (drop --no-build to build it)")
     if work.exists():
         make_writable(work)
         shutil.rmtree(work)
     work.mkdir(parents=True)
     if not args.wheels.is_dir():
-        if args.no_build:
-            raise SystemExit(f"error: wheels folder {args.wheels} not found (drop --no-build to build it)")
         print(f"building wheels in {args.wheels}: {build_wheels(args.wheels):.0f} s", flush=True)
     n = link_standins(work / "preinstalled")
     python = make_venv(work / "venv", work / "preinstalled")
@@ -313,7 +320,7 @@ def check(p: dict, before: dict, wall: float, error: str | None) -> dict:
     timings_file = p["out"] / "timings.json"
     times = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     return dict(problems=problems, notebook_s=round(wall, 1), install_s=round(times.get("install", 0.0), 1),
-                stages_s=round(sum(v for k, v in times.items() if k not in ("install", "check output")), 1),
+                stages_s=round(sum(v for k, v in times.items() if k not in SETUP_STEPS), 1),
                 times={k: round(v, 1) for k, v in times.items()}, executed=str(p["work"] / "executed.ipynb"))
 
 
@@ -326,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="config overrides for every stage")
     args = ap.parse_args(argv)
     args.wheels, args.work = args.wheels.resolve(), args.work.resolve()
-    res = rehearse(args)
+    return run_tool(lambda: report(rehearse(args)))
+
+
+def report(res: dict) -> int:
     print(json.dumps(res, indent=1))
     print("REHEARSAL " + ("FAILED: " + "; ".join(res["problems"]) if res["problems"] else "PASSED"))
     return 1 if res["problems"] else 0

@@ -39,14 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import write_csv  # noqa: E402
 from lib.data.cache import read_rgb  # noqa: E402
 from lib.data.formats import HAM_CLASSES, read_csv  # noqa: E402
-from tools.split_common import per_class, pick, place_image  # noqa: E402
+from tools._common import require_empty, run_tool, setup_logging  # noqa: E402
+from tools.split_common import choose_lesions, place_image, split_parser  # noqa: E402
 
 log = logging.getLogger("make_ham_split")
 MALIGNANT = ("mel", "bcc", "akiec")
@@ -105,69 +104,57 @@ def lesion_features(img: np.ndarray) -> dict[str, float]:
     return {k: round(float(v), 4) for k, v in f.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="HAM10000 folder (HAM10000_metadata.csv + images)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["ham10000", "isic2024"], default="ham10000")
-    p.add_argument("--test-frac", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=2025)
-    p.add_argument("--train-per-class", help="dx=N,... lesions kept for train (instead of the rest)")
-    p.add_argument("--test-per-class", help="dx=N,... lesions for test (instead of --test-frac)")
-    p.add_argument("--resize", type=int, help="re-encode images with this long side (JPEG q90)")
-    p.add_argument("--link", action="store_true", help="symlink images instead of copying")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def write_ham10000(m: pd.DataFrame, split: str, src: Path, out: Path, a: argparse.Namespace) -> None:
+    """One side of the `ham10000` layout: images/, the metadata CSV, the held-out one-hot labels (test)."""
+    for iid in tqdm(m["image_id"], desc=f"{split} images", leave=False):
+        place_image(src / "images" / f"{iid}.jpg", out / "images" / f"{iid}.jpg", a.resize, a.link, 90)
+    if split == "train":
+        write_csv(m, out / "HAM10000_metadata.csv")
+        return
+    write_csv(m[["image_id", "age", "sex", "localization"]], out / "HAM10000_test_metadata.csv")
+    gt = pd.DataFrame({"image": m["image_id"]})
+    for c in HAM_CLASSES:
+        gt[c] = (m["dx"].str.upper() == c).astype(float)
+    write_csv(gt, out / "held_out" / "ISIC2018_Test_GroundTruth.csv")
+
+
+def write_isic2024(m: pd.DataFrame, split: str, src: Path, out: Path, a: argparse.Namespace) -> None:
+    """One side of the `isic2024` layout: <split>-image/image/, the metadata with the measured `tbp_lv_*`
+    columns, the held-out targets (test)."""
+    folder, rows = out / f"{split}-image" / "image", []
+    for r in tqdm(m.itertuples(), total=len(m), desc=f"{split} images + lesion features", leave=False):
+        place_image(src / "images" / f"{r.image_id}.jpg", folder / f"{r.image_id}.jpg", a.resize, a.link, 90)
+        rows.append(lesion_features(read_rgb(src / "images" / f"{r.image_id}.jpg")))
+    t = pd.DataFrame({"isic_id": m["image_id"], "patient_id": m["lesion_id"],
+                      "target": m["dx"].isin(MALIGNANT).astype(int),
+                      "age_approx": m["age"], "sex": m["sex"],
+                      "anatom_site_general": m["localization"].map(SITE_2024)})
+    t = pd.concat([t, pd.DataFrame(rows)], axis=1)
+    if split == "train":
+        write_csv(t, out / "train-metadata.csv")
+    else:
+        write_csv(t.drop(columns="target"), out / "test-metadata.csv")
+        write_csv(t[["isic_id", "target"]], out / "held_out" / "isic2024_test_truth.csv")
+
+
+def make_split(a: argparse.Namespace) -> None:
     src, out = Path(a.src), Path(a.out)
-    try:
-        meta = read_csv(src / "HAM10000_metadata.csv", "HAM10000 metadata", ["lesion_id", "image_id", "dx"])
-        les = meta.drop_duplicates("lesion_id")[["lesion_id", "dx"]]
-        rng = np.random.default_rng(a.seed)
-        if a.test_per_class:
-            test_ids = pick(les, per_class(a.test_per_class), rng)
-        else:
-            _, te = train_test_split(les, test_size=a.test_frac, stratify=les["dx"], random_state=a.seed)
-            test_ids = te["lesion_id"].tolist()
-        rest = les[~les["lesion_id"].isin(test_ids)]
-        train_ids = pick(rest, per_class(a.train_per_class), rng) if a.train_per_class else rest["lesion_id"].tolist()
-        if out.exists() and any(out.iterdir()):
-            raise PipelineError(f"{out} exists and is not empty; choose a new folder")
-        images = src / "images"
-        for split, ids in (("train", set(train_ids)), ("test", set(test_ids))):
-            m = meta[meta["lesion_id"].isin(ids)].sort_values(["lesion_id", "image_id"]).reset_index(drop=True)
-            if a.format == "ham10000":
-                folder = out / "images"
-                for iid in tqdm(m["image_id"], desc=f"{split} images", leave=False):
-                    place_image(images / f"{iid}.jpg", folder / f"{iid}.jpg", a.resize, a.link, 90)
-                if split == "train":
-                    write_csv(m, out / "HAM10000_metadata.csv")
-                else:
-                    write_csv(m[["image_id", "age", "sex", "localization"]], out / "HAM10000_test_metadata.csv")
-                    gt = pd.DataFrame({"image": m["image_id"]})
-                    for c in HAM_CLASSES:
-                        gt[c] = (m["dx"].str.upper() == c).astype(float)
-                    write_csv(gt, out / "held_out" / "ISIC2018_Test_GroundTruth.csv")
-            else:
-                folder = out / f"{split}-image" / "image"
-                rows = []
-                for r in tqdm(m.itertuples(), total=len(m), desc=f"{split} images + lesion features", leave=False):
-                    place_image(images / f"{r.image_id}.jpg", folder / f"{r.image_id}.jpg", a.resize, a.link, 90)
-                    rows.append(lesion_features(read_rgb(images / f"{r.image_id}.jpg")))
-                t = pd.DataFrame({"isic_id": m["image_id"], "patient_id": m["lesion_id"],
-                                  "target": m["dx"].isin(MALIGNANT).astype(int),
-                                  "age_approx": m["age"], "sex": m["sex"],
-                                  "anatom_site_general": m["localization"].map(SITE_2024)})
-                t = pd.concat([t, pd.DataFrame(rows)], axis=1)
-                if split == "train":
-                    write_csv(t, out / "train-metadata.csv")
-                else:
-                    write_csv(t.drop(columns="target"), out / "test-metadata.csv")
-                    write_csv(t[["isic_id", "target"]], out / "held_out" / "isic2024_test_truth.csv")
-            log.info("%s: %d lesions, %d images", split, len(ids), len(m))
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    meta = read_csv(src / "HAM10000_metadata.csv", "HAM10000 metadata", ["lesion_id", "image_id", "dx"])
+    train_ids, test_ids = choose_lesions(meta.drop_duplicates("lesion_id")[["lesion_id", "dx"]], a)
+    require_empty(out)
+    write = write_ham10000 if a.format == "ham10000" else write_isic2024
+    for split, ids in (("train", set(train_ids)), ("test", set(test_ids))):
+        m = meta[meta["lesion_id"].isin(ids)].sort_values(["lesion_id", "image_id"]).reset_index(drop=True)
+        write(m, split, src, out, a)
+        log.info("%s: %d lesions, %d images", split, len(ids), len(m))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = split_parser(__doc__, "HAM10000 folder (HAM10000_metadata.csv + images)", "dx", 90)
+    p.add_argument("--format", choices=["ham10000", "isic2024"], default="ham10000")
+    a = p.parse_args(argv)
+    setup_logging()
+    return run_tool(lambda: make_split(a))
 
 
 if __name__ == "__main__":

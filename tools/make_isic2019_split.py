@@ -26,7 +26,8 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import write_csv  # noqa: E402
 from lib.data.formats import read_csv  # noqa: E402
-from tools.split_common import place_image  # noqa: E402
+from tools._common import require_empty, run_tool, setup_logging  # noqa: E402
+from tools.split_common import place_image, split_parser  # noqa: E402
 
 log = logging.getLogger("make_isic2019_split")
 TEST_META = ["image", "age_approx", "anatom_site_general", "sex"]
@@ -52,40 +53,32 @@ def split_lesions(m: pd.DataFrame, frac: float, seed: int) -> set[str]:
     return set(te["lesion"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="ISIC 2019 folder (official training files)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--test-frac", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=2025)
-    p.add_argument("--link", action="store_true", help="symlink images instead of copying")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def make_split(a: argparse.Namespace) -> None:
     src, out = Path(a.src), Path(a.out)
-    try:
-        gt = read_csv(src / "ISIC_2019_Training_GroundTruth.csv", "ISIC 2019 ground truth", ["image"])
-        meta = read_csv(src / "ISIC_2019_Training_Metadata.csv", "ISIC 2019 metadata", ["image"])
-        m = lesion_table(gt, meta)
-        test = split_lesions(m, a.test_frac, a.seed)
-        if out.exists() and any(out.iterdir()):
-            raise PipelineError(f"{out} exists and is not empty; choose a new folder")
-        for split, tag in (("train", "Training"), ("test", "Test")):
-            rows = m[m["lesion"].isin(test) == (split == "test")]["image"]
-            g, md = gt[gt["image"].isin(rows)], meta[meta["image"].isin(rows)]
-            for iid in g["image"]:
-                place_image(src / "ISIC_2019_Training_Input" / f"{iid}.jpg",
-                            out / f"ISIC_2019_{tag}_Input" / f"{iid}.jpg", None, a.link, 90)
-            if split == "train":
-                write_csv(g, out / "ISIC_2019_Training_GroundTruth.csv")
-                write_csv(md, out / "ISIC_2019_Training_Metadata.csv")
-            else:
-                write_csv(md[[c for c in TEST_META if c in md]], out / "ISIC_2019_Test_Metadata.csv")
-                write_csv(g, out / "held_out" / "ISIC_2019_Test_GroundTruth.csv")
-            log.info("%s: %d images", split, len(g))
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    gt = read_csv(src / "ISIC_2019_Training_GroundTruth.csv", "ISIC 2019 ground truth", ["image"])
+    meta = read_csv(src / "ISIC_2019_Training_Metadata.csv", "ISIC 2019 metadata", ["image"])
+    m = lesion_table(gt, meta)
+    test = split_lesions(m, a.test_frac, a.seed)
+    require_empty(out)
+    for split, tag in (("train", "Training"), ("test", "Test")):
+        rows = m[m["lesion"].isin(test) == (split == "test")]["image"]
+        g, md = gt[gt["image"].isin(rows)], meta[meta["image"].isin(rows)]
+        for iid in g["image"]:
+            place_image(src / "ISIC_2019_Training_Input" / f"{iid}.jpg",
+                        out / f"ISIC_2019_{tag}_Input" / f"{iid}.jpg", None, a.link, 90)
+        if split == "train":
+            write_csv(g, out / "ISIC_2019_Training_GroundTruth.csv")
+            write_csv(md, out / "ISIC_2019_Training_Metadata.csv")
+        else:
+            write_csv(md[[c for c in TEST_META if c in md]], out / "ISIC_2019_Test_Metadata.csv")
+            write_csv(g, out / "held_out" / "ISIC_2019_Test_GroundTruth.csv")
+        log.info("%s: %d images", split, len(g))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = split_parser(__doc__, "ISIC 2019 folder (official training files)").parse_args(argv)
+    setup_logging()
+    return run_tool(lambda: make_split(a))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import write_csv  # noqa: E402
+from tools._common import require_empty, run_tool, setup_logging  # noqa: E402
 
 log = logging.getLogger("make_multilabel_fixture")
 # condition -> (BGR colour, shape); prevalence differs per condition (some are rare)
@@ -77,30 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = Path(a.out)
-    try:
-        if out.exists() and any(out.iterdir()):
-            raise PipelineError(f"{out} exists and is not empty; choose a new folder")
-        rng = np.random.default_rng(a.seed)
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(a.n_train + a.n_test):
-            img, labels, meta = make_case(rng, a.size)
-            cid = f"case_{i:05d}"
-            cv2.imwrite(str(out / "images" / f"{cid}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-            rows.append({"case_id": cid, "image": f"{cid}.jpg", **meta, **labels})
-        df = pd.DataFrame(rows)
-        tr, te = df.iloc[:a.n_train], df.iloc[a.n_train:]
-        write_csv(tr, out / "train.csv")
-        write_csv(te.drop(columns=list(CONDITIONS)), out / "test.csv")
-        write_csv(te[["case_id", *CONDITIONS]], out / "held_out" / "test_truth.csv")
-        log.info("train %d cases (positives per condition %s), test %d cases", len(tr),
-                 tr[list(CONDITIONS)].sum().to_dict(), len(te))
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    setup_logging()
+    return run_tool(lambda: make_fixture(a))
+
+
+def make_fixture(a: argparse.Namespace) -> None:
+    out = require_empty(Path(a.out))
+    rng = np.random.default_rng(a.seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(a.n_train + a.n_test):
+        img, labels, meta = make_case(rng, a.size)
+        cid = f"case_{i:05d}"
+        cv2.imwrite(str(out / "images" / f"{cid}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        rows.append({"case_id": cid, "image": f"{cid}.jpg", **meta, **labels})
+    df = pd.DataFrame(rows)
+    tr, te = df.iloc[:a.n_train], df.iloc[a.n_train:]
+    write_csv(tr, out / "train.csv")
+    write_csv(te.drop(columns=list(CONDITIONS)), out / "test.csv")
+    write_csv(te[["case_id", *CONDITIONS]], out / "held_out" / "test_truth.csv")
+    log.info("train %d cases (positives per condition %s), test %d cases", len(tr),
+             tr[list(CONDITIONS)].sum().to_dict(), len(te))
 
 
 if __name__ == "__main__":

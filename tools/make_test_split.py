@@ -21,64 +21,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-
-from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import write_csv  # noqa: E402
 from lib.data.formats import MILK_CLASSES, read_csv  # noqa: E402
-from tools.split_common import per_class, pick, place_image  # noqa: E402
+from tools._common import require_empty, run_tool, setup_logging  # noqa: E402
+from tools.split_common import choose_lesions, place_image, split_parser  # noqa: E402
 
 log = logging.getLogger("make_test_split")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="MILK10k training release folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--test-frac", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=2025)
-    p.add_argument("--train-per-class", help="CLASS=N,... lesions kept for train (instead of the rest)")
-    p.add_argument("--test-per-class", help="CLASS=N,... lesions for test (instead of --test-frac)")
-    p.add_argument("--resize", type=int, help="re-encode images with this long side (JPEG q85)")
-    p.add_argument("--link", action="store_true", help="symlink images instead of copying")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def make_split(a: argparse.Namespace) -> None:
     src, out = Path(a.src), Path(a.out)
-    try:
-        gt = read_csv(src / "MILK10k_Training_GroundTruth.csv", "ground truth", ["lesion_id"])
-        meta = read_csv(src / "MILK10k_Training_Metadata.csv", "metadata", ["lesion_id", "isic_id"])
-        classes = [c for c in MILK_CLASSES if c in gt.columns]
-        gt["dx"] = gt[classes].astype(float).to_numpy().argmax(1)
-        gt["dx"] = gt["dx"].map(dict(enumerate(classes)))
-        rng = np.random.default_rng(a.seed)
-        if a.test_per_class:
-            test_ids = pick(gt, per_class(a.test_per_class), rng)
-        else:
-            _, te = train_test_split(gt, test_size=a.test_frac, stratify=gt["dx"], random_state=a.seed)
-            test_ids = te["lesion_id"].tolist()
-        rest = gt[~gt["lesion_id"].isin(test_ids)]
-        train_ids = pick(rest, per_class(a.train_per_class), rng) if a.train_per_class else rest["lesion_id"].tolist()
-        if out.exists() and any(out.iterdir()):
-            raise PipelineError(f"{out} exists and is not empty; choose a new folder")
-        for split, ids in (("Training", sorted(train_ids)), ("Test", sorted(test_ids))):
-            m = meta[meta["lesion_id"].isin(ids)].sort_values(["lesion_id", "image_type"])
-            for _, r in m.iterrows():
-                place_image(src / "MILK10k_Training_Input" / r.lesion_id / f"{r.isic_id}.jpg",
-                            out / f"MILK10k_{split}_Input" / r.lesion_id / f"{r.isic_id}.jpg", a.resize, a.link, 85)
-            write_csv(m, out / f"MILK10k_{split}_Metadata.csv")
-            g = gt[gt["lesion_id"].isin(ids)].drop(columns="dx").sort_values("lesion_id")
-            write_csv(g, out / ("MILK10k_Training_GroundTruth.csv" if split == "Training"
-                                else "held_out/MILK10k_Test_GroundTruth.csv"))
-            sup = src / "MILK10k_Training_Supplement.csv"
-            if split == "Training" and sup.exists():
-                s = read_csv(sup, "supplement", ["isic_id"])
-                write_csv(s[s["isic_id"].isin(m["isic_id"])], out / "MILK10k_Training_Supplement.csv")
-            log.info("%s: %d lesions, %d images", split, len(ids), len(m))
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    gt = read_csv(src / "MILK10k_Training_GroundTruth.csv", "ground truth", ["lesion_id"])
+    meta = read_csv(src / "MILK10k_Training_Metadata.csv", "metadata", ["lesion_id", "isic_id"])
+    classes = [c for c in MILK_CLASSES if c in gt.columns]
+    gt["dx"] = gt[classes].astype(float).to_numpy().argmax(1)
+    gt["dx"] = gt["dx"].map(dict(enumerate(classes)))
+    train_ids, test_ids = choose_lesions(gt, a)
+    require_empty(out)
+    for split, ids in (("Training", sorted(train_ids)), ("Test", sorted(test_ids))):
+        m = meta[meta["lesion_id"].isin(ids)].sort_values(["lesion_id", "image_type"])
+        for _, r in m.iterrows():
+            place_image(src / "MILK10k_Training_Input" / r.lesion_id / f"{r.isic_id}.jpg",
+                        out / f"MILK10k_{split}_Input" / r.lesion_id / f"{r.isic_id}.jpg", a.resize, a.link, 85)
+        write_csv(m, out / f"MILK10k_{split}_Metadata.csv")
+        g = gt[gt["lesion_id"].isin(ids)].drop(columns="dx").sort_values("lesion_id")
+        write_csv(g, out / ("MILK10k_Training_GroundTruth.csv" if split == "Training"
+                            else "held_out/MILK10k_Test_GroundTruth.csv"))
+        sup = src / "MILK10k_Training_Supplement.csv"
+        if split == "Training" and sup.exists():
+            s = read_csv(sup, "supplement", ["isic_id"])
+            write_csv(s[s["isic_id"].isin(m["isic_id"])], out / "MILK10k_Training_Supplement.csv")
+        log.info("%s: %d lesions, %d images", split, len(ids), len(m))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = split_parser(__doc__, "MILK10k training release folder", "CLASS", 85).parse_args(argv)
+    setup_logging()
+    return run_tool(lambda: make_split(a))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 #   1) on a machine with internet:  bash tools/make_wheels.sh /tmp/wheels
 #   2) upload the folder as a Kaggle dataset (e.g. "skl-wheels"); attach it to the kernel
 #   3) the kernel notebook (kaggle/milk10k_kernel.ipynb) installs from it:
-#      python tools/kaggle_install.py --wheels /kaggle/input/skl-wheels
+#      python tools/kaggle_install.py install --wheels /kaggle/input/skl-wheels
 #      (= pip install --no-index --find-links <wheels> -r <wheels>/requirements-kaggle.txt, checked first)
 #
 # Target: PY_VERSION (default 3.11, Kaggle's Python) and glibc GLIBC (default 2.35, Kaggle's Ubuntu
 # 22.04) on x86_64: every manylinux tag from manylinux_2_$GLIBC down to manylinux1 is accepted.
 # torch, torchvision and what only they need (their CUDA stack: nvidia-*, triton) are left out: the
-# kernel's own torch is used. The dependency set is resolved once for the target (pip --dry-run
+# kernel's own torch is used. onnxruntime (+ onnx) is in: tools/kaggle_install.py keeps the kernel's own
+# ONNX Runtime instead when its version fits requirements.txt. The dependency set is resolved once for the target (pip --dry-run
 # --report), then each wheel is downloaded without its dependencies.
 set -euo pipefail
 OUT=$(realpath -m "${1:-wheels}")
@@ -53,5 +54,8 @@ for name in sorted(keep):
 EOF
 "$PY" -m pip download --quiet --no-deps -d "$OUT" "${target[@]}" -r "$OUT/pins.txt"
 "$PY" -m pip download --quiet --no-deps -d "$OUT" "${target[@]}" -r "$OUT/requirements-nodeps.txt"
+for pkg in onnxruntime onnx; do  # the frozen trunks' CPU runtime: a kernel without it must get it here
+  ls "$OUT/$pkg"-[0-9]*.whl > /dev/null 2>&1 || { echo "error: no $pkg wheel for Python $PY_VERSION in $OUT" >&2; exit 2; }
+done
 echo "$(ls "$OUT"/*.whl | wc -l) wheels ($(du -sh "$OUT" | cut -f1)) in $OUT for Python $PY_VERSION," \
      "glibc <= $GLIBC x86_64; torch/torchvision: the kernel's own"

@@ -30,6 +30,7 @@ from lib.core.errors import PipelineError  # noqa: E402
 from lib.core.io import ID, write_json  # noqa: E402
 from lib.evaluation.bootstrap import bootstrap_macro_dice  # noqa: E402
 from lib.evaluation.metrics import align_to_truth, official_score, score_table  # noqa: E402
+from tools._common import USER_ERRORS, run_tool  # noqa: E402
 
 
 def _official(truth: pd.DataFrame, sub: pd.DataFrame, classes: list[str]) -> dict:
@@ -81,25 +82,35 @@ def main(argv: list[str] | None = None) -> int:
     if a.against and not a.bootstrap:
         p.error("--against needs --bootstrap N")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        truth = pd.read_csv(a.truth, dtype=str)
-        sub = _read_sub(a.submission)
-        truth = truth.rename(columns={truth.columns[0]: ID})
-        classes = [c for c in truth.columns if c != ID]
-        truth[classes] = truth[classes].astype(float)
-        task = a.task
-        if task == "auto":
-            task = ("binary" if len(classes) == 1 else
-                    "multilabel" if (truth[classes].to_numpy() > 0.5).sum(1).max() > 1 else "multiclass")
-        ours = score_table(truth, sub, classes, task)
-        res = {"task": task, "ours": ours}
-        if task == "multiclass":  # the official ISIC scorer installed here is the multiclass one
-            res.update(_official(truth, sub, classes))
-        if a.bootstrap:
-            res["bootstrap"] = _bootstrap(truth, sub, classes, task, a)
-    except (PipelineError, OSError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res: dict = {}
+    code = run_tool(lambda: res.update(score(a)), errors=(*USER_ERRORS, OSError, KeyError, ValueError))
+    if code == 0:
+        report(res, a)
+    return code
+
+
+def score(a: argparse.Namespace) -> dict:
+    """{task, ours, official (multiclass), bootstrap (when asked)} of the submission against the truth."""
+    truth = pd.read_csv(a.truth, dtype=str)
+    sub = _read_sub(a.submission)
+    truth = truth.rename(columns={truth.columns[0]: ID})
+    classes = [c for c in truth.columns if c != ID]
+    truth[classes] = truth[classes].astype(float)
+    task = a.task
+    if task == "auto":
+        task = ("binary" if len(classes) == 1 else
+                "multilabel" if (truth[classes].to_numpy() > 0.5).sum(1).max() > 1 else "multiclass")
+    res = {"task": task, "ours": score_table(truth, sub, classes, task)}
+    if task == "multiclass":  # the official ISIC scorer installed here is the multiclass one
+        res.update(_official(truth, sub, classes))
+    if a.bootstrap:
+        res["bootstrap"] = _bootstrap(truth, sub, classes, task, a)
+    return res
+
+
+def report(res: dict, a: argparse.Namespace) -> None:
+    """The headline as a log line, the scores as JSON on stdout (and in --json)."""
+    task, ours = res["task"], res["ours"]
     if task == "binary":
         logging.info("AUC %.4f | pAUC above 80%% TPR %.4f (max 0.2)", ours["auc"], ours["pauc"])
     elif task == "multilabel":
@@ -112,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(res, indent=2, default=float))
     if a.json:
         write_json(res, a.json)
-    return 0
 
 
 if __name__ == "__main__":

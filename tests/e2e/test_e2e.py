@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lib.stages.plan import recipe_plan
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,15 +29,21 @@ def _run(args: list[str], out: Path, check: bool = True) -> subprocess.Completed
     return p
 
 
+def _run_plan(recipe: str, out: Path, per_kind: dict[str, list[str]], common: tuple[str, ...] = ()) -> list[str]:
+    """Every step of the recipe's plan (lib.stages.plan: what run_all.sh runs), in order, with `common` and
+    the tiny settings of its kind; returns the steps' names."""
+    steps = recipe_plan(ROOT / recipe)
+    for step in steps:
+        _run(step.argv([*common, *per_kind.get(step.kind, [])]), out)
+    return [s.name for s in steps]
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e2e")
-    _run(["01_preprocess.py", "-c", f"{SAMPLE}/base.yaml"], out)
-    _run(["02_train_fold.py", "-c", f"{SAMPLE}/train_fusion.yaml", *TINY_TRAIN], out)
-    _run(["03_extract_features.py", "-c", f"{SAMPLE}/stack.yaml", TINY_ENC], out)
-    _run(["04_stack.py", "-c", f"{SAMPLE}/stack.yaml", TINY_ENC, "stack.xgb.n_estimators=20",
-          "stack.pca_components=8"], out)
-    _run(["05_submit.py", "-c", f"{SAMPLE}/submit.yaml"], out)
+    ran = _run_plan(SAMPLE, out, {"train": TINY_TRAIN, "features": [TINY_ENC],
+                                  "stack": [TINY_ENC, "stack.xgb.n_estimators=20", "stack.pca_components=8"]})
+    assert ran == ["01_preprocess", "02_train train_fusion", "03_features stack", "04_stack stack", "05_submit"]
     return out
 
 
@@ -109,18 +117,12 @@ def test_gpu_recipe_runs_on_cpu_with_tiny_settings(tmp_path: Path) -> None:
     """configs/milk10k_gpu (not measured on a GPU): every file loads, chains (members, oof_exps and exp
     names agree) and runs 01 -> 05 on the shipped sample with tiny models, EMA and its own TTA."""
     gpu, out = "configs/milk10k_gpu", tmp_path / "gpu"
-    data = ["--data", "input/milk10k_sample"]
-    _run(["01_preprocess.py", "-c", f"{gpu}/base.yaml", *data], out)
-    trains = sorted(Path(ROOT, gpu).glob("train_*.yaml"))
-    assert len(trains) == 2
-    for f in trains:
-        _run(["02_train_fold.py", "-c", str(f.relative_to(ROOT)), *data, *TINY_TRAIN, "train.model.hidden=32",
-              "train.batch_size=32", "train.ema=0.5"], out)
     tiny_stack = [TINY_ENC, "stack.features=[lite0]", "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20",
                   "stack.pca_components=8", "stack.seeds=[0]"]
-    _run(["03_extract_features.py", "-c", f"{gpu}/stack.yaml", *data, *tiny_stack], out)
-    _run(["04_stack.py", "-c", f"{gpu}/stack.yaml", *data, *tiny_stack], out)
-    _run(["05_submit.py", "-c", f"{gpu}/submit.yaml", *data], out)
+    ran = _run_plan(gpu, out, {"train": [*TINY_TRAIN, "train.model.hidden=32", "train.batch_size=32", "train.ema=0.5"],
+                               "features": tiny_stack, "stack": tiny_stack}, ("--data", "input/milk10k_sample"))
+    trains = [n for n in ran if n.startswith("02_train")]
+    assert trains == ["02_train train_derm_sklesion", "02_train train_fusion_lite2"]
     cv = json.loads((out / "gpu_submit" / "cv.json").read_text())
     assert [m["exp"] for m in cv["submit"]["members"]] == ["gpu_stack", "gpu_fusion_lite2", "gpu_derm_sklesion"]
     assert {"macro_dice_nested", "macro_dice_tuned_cv_nested"} <= set(cv["submit"]["honest_cv"])

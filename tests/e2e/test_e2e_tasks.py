@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lib.stages.plan import recipe_plan
 from tests.data.task_builders import I24, make_isic2020, make_isic2024_train
 
 pytestmark = pytest.mark.e2e
@@ -20,6 +21,8 @@ TINY_ENC = "features.encoders=[{name: lite0, arch: test_efficientnet, weights: n
 TINY_TRAIN = ["train.model.arch=test_efficientnet", "train.model.weights=null", "train.img_size=64",
               "train.epochs=1", "train.batch_size=16"]
 FAST = ["cache.size=96", "threads=2", "folds.n_splits=3"]
+TINY = {"train": TINY_TRAIN, "features": [TINY_ENC],  # per kind of step of the recipe plan
+        "stack": [TINY_ENC, "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20", "stack.pca_components=4"]}
 
 
 def _run(args: list[str], out: Path, extra: list[str]) -> subprocess.CompletedProcess:
@@ -30,16 +33,18 @@ def _run(args: list[str], out: Path, extra: list[str]) -> subprocess.CompletedPr
     return p
 
 
+def _run_plan(d: str, out: Path, extra: list[str], per_kind: dict[str, list[str]]) -> list[str]:
+    """Every step of the recipe's plan (lib.stages.plan: what run_all.sh runs) in order; returns their kinds."""
+    steps = recipe_plan(ROOT / d)
+    for step in steps:
+        _run(step.argv(per_kind.get(step.kind, [])), out, extra)
+    return [s.kind for s in steps]
+
+
 def _pipeline(recipe: str, out: Path, extra: list[str]) -> dict:
     """01 -> 05 + scorer; returns the scorer's JSON."""
     d = f"configs/{recipe}"
-    _run(["01_preprocess.py", "-c", f"{d}/base.yaml"], out, extra)
-    train = next(Path(ROOT, d).glob("train_*.yaml")).name
-    _run(["02_train_fold.py", "-c", f"{d}/{train}", *TINY_TRAIN], out, extra)
-    _run(["03_extract_features.py", "-c", f"{d}/stack.yaml", TINY_ENC], out, extra)
-    _run(["04_stack.py", "-c", f"{d}/stack.yaml", TINY_ENC, "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20",
-          "stack.pca_components=4"], out, extra)
-    _run(["05_submit.py", "-c", f"{d}/submit.yaml"], out, extra)
+    assert _run_plan(d, out, extra, TINY) == ["prepare", "train", "features", "stack", "submit"]
     truth, exp, *task = Path(ROOT, d, "score.txt").read_text().split()
     if extra and extra[0] == "--data":  # fixture made in tmp: its held-out labels sit beside it
         truth = str(Path(extra[1]) / "held_out" / Path(truth).name)
@@ -98,11 +103,8 @@ def test_multilabel_fixture_scin_style(tmp_path: Path) -> None:
 def _stack_pipeline(recipe: str, out: Path, data: Path) -> pd.DataFrame:
     """01 -> 03 -> 04 -> 05 of a stack-only recipe on a release made in tmp; returns the submission."""
     d, extra = f"configs/{recipe}", ["--data", str(data), "stack.patient_features=false"]
-    _run(["01_preprocess.py", "-c", f"{d}/base.yaml", "cache.size=64"], out, extra)
-    _run(["03_extract_features.py", "-c", f"{d}/stack.yaml", TINY_ENC], out, extra)
-    _run(["04_stack.py", "-c", f"{d}/stack.yaml", TINY_ENC, "stack.xgb.n_estimators=20", "stack.lgbm.n_estimators=20",
-          "stack.pca_components=4"], out, extra)
-    _run(["05_submit.py", "-c", f"{d}/submit.yaml"], out, extra)
+    kinds = _run_plan(d, out, extra, {**TINY, "prepare": ["cache.size=64"]})
+    assert kinds == ["prepare", "features", "stack", "submit"]
     exp = next(ln.split(":")[1].strip() for ln in Path(ROOT, d, "submit.yaml").read_text().splitlines()
                if ln.startswith("exp:"))
     return pd.read_csv(out / exp / "submission.csv", dtype={0: str})

