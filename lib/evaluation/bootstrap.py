@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from lib.core.errors import PipelineError
-from lib.evaluation.metrics import DECISION_THRESHOLD, macro_dice
+from sklearn.metrics import roc_auc_score
+
+from lib.evaluation.metrics import DECISION_THRESHOLD, macro_dice, partial_auc
 
 
 def stratified_weights(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -75,4 +77,47 @@ def nested_uncertainty(y: np.ndarray, decisions: dict[str, np.ndarray], n_boot: 
     for name, dec in decisions.items():
         b = bootstrap_macro_dice(y, dec, n_boot=n_boot, seed=seed)
         out[name] = {k: round(b[k], 4) for k in ("macro_dice", "se", "ci_low", "ci_high")}
+    return out
+
+
+def grouped_draws(groups: np.ndarray, positive: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """Row indices of `n_boot` cluster-bootstrap replicates: whole groups (patients) are redrawn with
+    replacement, those with a positive row and those without separately (each keeps its count), so
+    every replicate has both classes and a patient's rows stay together."""
+    if n_boot < 2:
+        raise PipelineError(f"bootstrap: n_boot must be >= 2 (a standard error needs two draws), got {n_boot}")
+    rng = np.random.default_rng(seed)
+    g = np.asarray(groups).astype(str)
+    uniq, inv = np.unique(g, return_inverse=True)
+    rows = [np.flatnonzero(inv == i) for i in range(len(uniq))]
+    has_pos = np.array([bool(np.asarray(positive)[r].any()) for r in rows])
+    strata = [np.flatnonzero(has_pos), np.flatnonzero(~has_pos)]
+    out = []
+    for _ in range(n_boot):
+        pick = np.concatenate([rng.choice(s, len(s)) for s in strata if len(s)])
+        out.append(np.concatenate([rows[i] for i in pick]))
+    return out
+
+
+def bootstrap_ranking(y: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None,
+                      n_boot: int = 1000, seed: int = 0, min_tpr: float = 0.8) -> dict:
+    """AUC and partial AUC (above `min_tpr`) of a binary task with the standard error and 95% interval
+    of a cluster bootstrap: whole groups (patients; each row its own group when `groups` is None) are
+    redrawn, stratified by whether the group holds a positive. Like the class-stratified bootstrap it
+    holds the number of positive groups fixed, so the interval is a lower bound on the noise."""
+    t = np.asarray(y, np.float64).ravel() > 0.5
+    sc = np.asarray(scores, np.float64).ravel()
+    if t.all() or not t.any():
+        raise PipelineError("bootstrap: AUC needs both classes among the rows")
+    g = np.arange(len(t)) if groups is None else np.asarray(groups)
+    draws = grouped_draws(g, t, n_boot, seed)
+    out: dict = {"n_boot": n_boot, "draws": "grouped by patient, stratified by a positive" if groups is not None
+                 else "rows, stratified by class", "n_groups": int(len(np.unique(np.asarray(g).astype(str)))),
+                 "n_positive": int(t.sum())}
+    for name, fn in (("auc", lambda a, b: roc_auc_score(a, b)), (f"pauc_{int(min_tpr * 100)}",
+                                                                lambda a, b: partial_auc(a, b, min_tpr))):
+        a = np.array([fn(t[d], sc[d]) for d in draws])
+        out[name] = {"value": round(float(fn(t, sc)), 4), "se": round(float(a.std(ddof=1)), 4),
+                     "ci_low": round(float(np.quantile(a, 0.025)), 4),
+                     "ci_high": round(float(np.quantile(a, 0.975)), 4)}
     return out

@@ -138,7 +138,9 @@ HEADLINE = {  # key of the dict given to write_report (a cv_summary; 05 adds the
     "balanced_accuracy": "Balanced accuracy",
     "macro_auc": "Macro AUC",
     "auc": "AUC",
+    "auc_se": "  its standard error (bootstrap of whole patients, or rows without a patient column)",
     "pauc_80": "Partial AUC above 80% TPR (ISIC 2024 metric, max 0.2)",
+    "pauc_80_se": "  its standard error (same draws)",
     "top1_accuracy": "Top-1 accuracy (top class is a true label)",
     "top3_accuracy": "Top-3 accuracy",
 }

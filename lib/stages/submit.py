@@ -17,7 +17,7 @@ from lib.data.dataset import load_dataset
 from lib.evaluation import decision as D
 from lib.evaluation import ensemble
 from lib.evaluation import report as R
-from lib.evaluation.bootstrap import nested_uncertainty
+from lib.evaluation.bootstrap import bootstrap_ranking, nested_uncertainty
 from lib.evaluation.submission import build_submission, write_submission
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ def _honest(s: dict, task: str, classes: list[str], oofs: list[pd.DataFrame], tr
     if task == "binary":
         out["pauc_80_nested"] = res["pauc_80_nested"]
         nesting["pauc_80_nested"] = R.nesting(weights, "none", "none (ranks)", priors)
+        groups = train["group"].to_numpy() if "group" in train.columns else None
+        out["bootstrap"] = bootstrap_ranking(train[f"y_{classes[0]}"].to_numpy(), res["probs"][:, 0], groups)
     out["nesting"] = nesting
     log.info("nested CV (weights%s, thresholds%s fitted without the fold scored): %.4f%s; per rule: "
              "thresholds %.4f%s", " + priors" if tau else "", " + rule" if chosen else "", out["macro_dice_nested"],
@@ -95,6 +97,9 @@ def _headline(metrics: dict, honest: dict, chosen: dict) -> dict:
             out[f"nested_{name}"], out["nesting"][f"nested_{name}"] = honest[key], how[key]
             if boot in b:
                 out[f"nested_{name}_se"] = b[boot]["se"]
+    for key in ("auc", "pauc_80"):  # binary: the ranking figures' cluster-bootstrap standard errors
+        if key in b and key in metrics:
+            out[f"{key}_se"] = b[key]["se"]
     if "decision" in b and chosen["expected_score_nesting"] == how["macro_dice_nested"]:
         out["nested_expected_se"] = b["decision"]["se"]
     return out

@@ -67,3 +67,29 @@ def test_bad_requests_are_refused_and_lists_are_accepted() -> None:
     with pytest.raises(PipelineError, match="exactly one positive"):
         bootstrap_macro_dice(multi, p)
     assert bootstrap_macro_dice(y.tolist(), p.tolist(), n_boot=20)["macro_dice"] == pytest.approx(macro_dice(y, p))
+
+
+def test_grouped_draws_keep_patients_whole_and_positive_patients_counted():
+    from lib.evaluation.bootstrap import grouped_draws
+    groups = np.array(["a", "a", "b", "c", "c", "c", "d"])
+    pos = np.array([0, 1, 0, 0, 0, 0, 0], bool)
+    for d in grouped_draws(groups, pos, 50, seed=1):
+        drawn = groups[d]
+        for g in set(drawn):  # a drawn patient comes with all of its rows, as often as it was drawn
+            assert (drawn == g).sum() % (groups == g).sum() == 0
+        assert (drawn == "a").sum() == 2  # the one positive patient: drawn exactly once (its stratum's size)
+        assert sum((drawn == g).sum() // (groups == g).sum() for g in "bcd") == 3
+
+
+def test_bootstrap_ranking_interval_brackets_the_auc_and_widens_with_fewer_patients():
+    from lib.evaluation.bootstrap import bootstrap_ranking
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.1).astype(float)
+    s = y * 0.8 + rng.random(400)
+    rows = bootstrap_ranking(y, s, n_boot=200)
+    assert rows["auc"]["ci_low"] <= rows["auc"]["value"] <= rows["auc"]["ci_high"]
+    assert 0 < rows["auc"]["se"] < 0.1 and "pauc_80" in rows
+    few = bootstrap_ranking(y, s, groups=np.arange(400) // 40, n_boot=200)  # 10 patients of 40 rows
+    assert few["auc"]["value"] == rows["auc"]["value"] and few["auc"]["se"] > rows["auc"]["se"]
+    with pytest.raises(PipelineError, match="both classes"):
+        bootstrap_ranking(np.zeros(5), np.arange(5.0))
