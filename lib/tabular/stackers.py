@@ -307,12 +307,31 @@ def _lr_head(xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg:
 
 
 # ----------------------------------------------------------------------------- main entry
+def _test_frames(test: pd.DataFrame | None, test_by_fold: dict[int, pd.DataFrame] | None, feats: list[str],
+                 n_folds: int) -> dict[int, pd.DataFrame] | None:
+    """The test matrix each fold's stacker predicts: `test_by_fold[k]` (the test features as fold k's
+    upstream models gave them; same ids in the same order as `test`) or `test` for every fold."""
+    if test is None:
+        return None
+    frames = {}
+    for k in range(n_folds):
+        t = test if test_by_fold is None else test_by_fold[k]
+        if test_by_fold is not None and list(t[ID].astype(str)) != list(test[ID].astype(str)):
+            raise PipelineError(f"stack: fold {k}'s test features hold other lesions (or another order) than the test table")
+        frames[k] = pd.DataFrame(t[feats].to_numpy(np.float64), index=pd.Index(t[ID].astype(str).to_numpy(), name=ID),
+                                 columns=feats)
+    return frames
+
+
 def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_blocks: dict[str, list[str]],
-                      classes: list[str], cfg: dict | None = None) -> StackResult:
+                      classes: list[str], cfg: dict | None = None,
+                      test_by_fold: dict[int, pd.DataFrame] | None = None) -> StackResult:
     """Nested stacking on the fixed `fold` column of `train` (see the module docstring). An optional
     `group` column (patients / lesions) keeps each group on one side of the inner early-stopping split.
 
-    `cfg` is the `stack` config section (partial dicts are merged over STACK_DEFAULTS).
+    `cfg` is the `stack` config section (partial dicts are merged over STACK_DEFAULTS). `test_by_fold`
+    ({fold k: test table}) gives fold k's stacker the test features made by fold k's upstream models
+    (the same models that made its validation rows' features), instead of `test` (their mean).
     """
     cfg = stack_settings(cfg)
     feats, pca_blocks = _check_inputs(train, test, feature_blocks, classes, cfg)
@@ -322,12 +341,12 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
     device = resolve_device(cfg["xgb"]["device"], "stack.xgb.device") if "xgb" in heads else "cpu"
     ids = train[ID].astype(str).to_numpy()
     x_all = pd.DataFrame(train[feats].to_numpy(np.float64), index=pd.Index(ids, name=ID), columns=feats)
-    x_te = None if test is None else pd.DataFrame(
-        test[feats].to_numpy(np.float64), index=pd.Index(test[ID].astype(str).to_numpy(), name=ID), columns=feats)
     y_all = train[[f"y_{c}" for c in classes]].to_numpy(float)
     folds = train["fold"].astype(int).to_numpy()
     groups = train["group"].astype(str).to_numpy() if "group" in train.columns else None
     n_folds = folds.max() + 1
+    x_tes = _test_frames(test, test_by_fold, feats, n_folds)
+    x_te = None if x_tes is None else x_tes[0]
     oof = {h: np.full((len(train), c_n), np.nan) for h in heads}
     tst = {h: np.zeros((0 if x_te is None else len(x_te), c_n)) for h in heads}
     imp: list[pd.DataFrame] = []
@@ -337,7 +356,7 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
     with progress(n_folds * len(cfg["seeds"]) * c_n * n_tree, "stack", unit="fit") as bar:
         for k in range(n_folds):
             va = folds == k
-            others = [x_all[va]] + ([] if x_te is None else [x_te])
+            others = [x_all[va]] + ([] if x_tes is None else [x_tes[k]])
             (xtr, *xpred), names = _fold_features(x_all[~va], others, feature_blocks, pca_blocks,
                                                   cfg["pca_components"])
             for h in heads:

@@ -275,3 +275,34 @@ def test_fold_f1_log_is_the_official_dice(renorm, caplog):
         assert f1 == pytest.approx(macro_dice(df.loc[m, ycols].to_numpy(), dec), abs=5e-5)
     assert sorted(logged) == [0, 1, 2, 3, 4]
     assert (p[:, 3] <= 0.5).all() and (argmax_onehot(p)[:, 3] == 0).all()
+
+
+def test_test_by_fold_feeds_fold_k_its_own_test_table(monkeypatch):
+    """Each fold's stacker predicts the test table made by that fold's upstream models (issue 27 item 3):
+    identical tables reproduce the plain path exactly; fold k's table reaches fold k's fit and nothing else."""
+    df, test, blocks, classes, _ = make_data()
+    plain = stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]))
+    same = stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]),
+                                      test_by_fold={k: test.copy() for k in range(5)})
+    pd.testing.assert_frame_equal(plain.test, same.test)
+    feats = [c for cols in blocks.values() for c in cols]
+    by_fold = {}
+    for k in range(5):
+        t = test.copy()
+        t[feats] = t[feats].to_numpy() + 10.0 * k  # a fold-specific mark
+        by_fold[k] = t
+    seen = []
+    real = stackers._fold_features
+
+    def spy(xtr, others, *a, **kw):
+        seen.append(float(np.nanmean(others[1].to_numpy() - test[feats].to_numpy())))
+        return real(xtr, others, *a, **kw)
+
+    monkeypatch.setattr(stackers, "_fold_features", spy)
+    moved = stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]), test_by_fold=by_fold)
+    assert seen == pytest.approx([0.0, 10.0, 20.0, 30.0, 40.0])
+    pd.testing.assert_frame_equal(moved.oof, plain.oof)  # OOF rows never see the test tables
+    assert not np.allclose(moved.test[classes].to_numpy(), plain.test[classes].to_numpy())
+    shuffled = {k: t.iloc[::-1].reset_index(drop=True) for k, t in by_fold.items()}
+    with pytest.raises(PipelineError, match="fold 0's test features hold other lesions"):
+        stackers.fit_predict_stack(df, test, blocks, classes, cfg(heads=["lr"]), test_by_fold=shuffled)
