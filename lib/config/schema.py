@@ -255,8 +255,9 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Int(32, min=1),
         "workers": Int(0, min=-1),        # image decoding: 0 = one prefetch thread beside the forward pass (fastest on
                                           # 2 cores); N = N DataLoader processes; -1 = cores - 1 processes
-        "runtime": Choice("auto", RUNTIMES),  # frozen forward passes (trunks, embeddings): auto = ONNX Runtime on
-                                          # CPU (when installed), PyTorch on CUDA | torch | onnxruntime
+        "runtime": Choice("auto", RUNTIMES),  # frozen forward passes (03's trunks, embeddings; 02's OOF/test passes of
+                                          # finished fold models): auto = ONNX Runtime on CPU (when installed),
+                                          # PyTorch on CUDA | torch | onnxruntime
         "finetune": FINETUNE_SPEC,        # cached-trunk fine-tuning of encoders with cut + finetune: true
         "from_exps": ListOf(Str()),       # trained experiments whose fold models give class logits (aligned across folds; own-fold OOF for train rows, fold mean for test)
     },

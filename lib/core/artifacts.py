@@ -68,6 +68,7 @@ MODEL = "model.pt"
 # 03
 FEATURES = "features"
 TRUNKS = "trunks"
+FOLD_ONNX = "model"                  # fold{k}/model-<key>.onnx: a finished fold model in ONNX Runtime (02)
 ONNX = "onnx"                        # <prep>/onnx/<encoder>-<key>.onnx (03, ONNX Runtime)
 WEIGHTS_SHA256 = "weights_sha256.json"  # <prep>/: sha256 of resolved weights files, by path + size + mtime
 # 04

@@ -18,6 +18,7 @@ from lib.evaluation.report import cv_summary, log_cv
 from lib.training import distributed as D
 from lib.training.fold import train_fold
 from lib.training.inference import prediction_table, probabilities
+from lib.vision.onnx_trunk import resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: in
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     device = torch_device(cfg)
+    resolve_runtime(cfg["features"]["runtime"], device)   # the finished folds' OOF/test engine: bad value -> stop now
     info, train, test = load_dataset(cfg)
     ks = selected_folds(cfg, train, fold)
     d = D.setup(device)

@@ -1,8 +1,15 @@
-"""The one inference path (validation, OOF, test, fold-model features) and fold-model loading."""
+"""The one inference path (validation, OOF, test, fold-model features) and fold-model loading.
+
+A finished fold model (weights final: the OOF and test passes, not a validation during training)
+runs in the engine `features.runtime` picks for frozen forward passes (`finished_forward`): on CPU
+by default its ONNX Runtime twin (`lib.vision.onnx_trunk`), exported with every input the model
+reads, cached as `fold{k}/model-<key>.onnx`, checked against PyTorch on the first batch."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +17,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lib.core.artifacts import CHECKPOINT_VERSION, FOLD_TEST_LOGITS, OOF, features_file, fold_dir
+from lib.core.artifacts import CHECKPOINT_VERSION, FOLD_ONNX, FOLD_TEST_LOGITS, OOF, features_file, fold_dir
 from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import ID, assert_same_ids, write_json, write_parquet
 from lib.core.progress import progress
+from lib.core.runtime import cpu_count
 from lib.core.scoring import dice_per_class
 from lib.training import distributed as D
 from lib.training.data import (
@@ -23,10 +31,13 @@ from lib.training.data import (
 )
 from lib.training.optim import autocast
 from lib.vision.models import build_model
+from lib.vision.onnx_trunk import onnx_forward, onnx_path, resolve_runtime
 from lib.vision.transforms import full_spec
 from lib.vision.tta import apply_view
 
 log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("meta", "monet", "monet_mask", "keep")   # + img_<modality>: what lib.vision.models reads
 
 
 def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
@@ -75,6 +86,76 @@ def infer(fn, model: nn.Module, ds: LesionDataset, views: list[str], device: str
     rows = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
     _, rows = D.gather_rows(d, pos, rows)
     return rows.astype(np.float32)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, shapes, bytes): the weights' identity, the same for
+    the model in memory at the end of training and the one loaded from its model.pt."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a batch the model reads (images, metadata, MONET, keep), without empty ones
+    (a model without metadata gets `meta [B, 0]` and never reads it); labels and row ids dropped."""
+    return {k: t for k, t in batch.items()
+            if (k.startswith("img_") or k in MODEL_INPUTS) and t.numel() and t.shape[-1] != 0}
+
+
+class FinishedModel:
+    """`fn(batch) -> logits` of a finished fold model for `infer`: on the first batch, its ONNX
+    Runtime twin is loaded from (or exported to) `folder/model-<key>.onnx` and checked against
+    PyTorch on that batch (`onnx_forward`); the model itself when that fails (one warning line).
+    The key: weights sha256, model config, preprocessing spec, input shapes (+ opset, versions).
+    One instance per set of weights (the key is taken once)."""
+
+    def __init__(self, model: nn.Module, folder: Path, threads: int, spec: dict) -> None:
+        self.model, self.folder, self.threads, self.spec = model, Path(folder), threads, spec
+        self.fwd: Callable | None = None
+        self.runtime = "torch"
+
+    def key_spec(self, inputs: dict[str, torch.Tensor]) -> dict:
+        return {"kind": "fold model", "class": type(self.model).__name__,
+                "model_cfg": getattr(self.model, "mcfg", None), "weights_sha256": weights_sha256(self.model),
+                "spec": self.spec, "inputs": {k: list(t.shape[1:]) for k, t in inputs.items()}}
+
+    def _resolve(self, batch: dict[str, torch.Tensor]) -> Callable:
+        inputs = model_inputs(batch)
+        key_spec = self.key_spec(inputs)
+        keep = onnx_path(self.folder, FOLD_ONNX, key_spec)
+        for old in self.folder.glob(f"{FOLD_ONNX}-*.onnx"):   # other weights' exports (a retrained fold)
+            if old != keep:
+                old.unlink(missing_ok=True)
+        twin = onnx_forward(self.model, FOLD_ONNX, key_spec, self.folder, inputs, self.threads)
+        self.runtime = "torch" if twin is None else "onnxruntime"
+        return self.model if twin is None else twin
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.fwd is None:
+            self.fwd = self._resolve(batch)
+        return self.fwd(batch)
+
+
+def finished_forward(model: nn.Module, cfg: dict, folder: Path, d: D.Dist, amp_dtype: torch.dtype | None,
+                     workers: int, spec: dict) -> Callable:
+    """The forward of a finished fold model for `infer` (OOF / test passes): a `FinishedModel`
+    (ONNX Runtime, exported / cached under `folder`) when `features.runtime` resolves to
+    onnxruntime on this device, in one process (under torchrun each rank keeps PyTorch) and in
+    float32 (an autocast `train.amp` keeps PyTorch); else the model itself. ONNX Runtime gets
+    `threads`, or the cores left by the `workers` decoding processes."""
+    runtime = resolve_runtime(cfg["features"]["runtime"], d.device)
+    if runtime != "onnxruntime":
+        return model
+    if d.enabled or amp_dtype is not None:
+        log.info("finished-model passes run in PyTorch (%s)", "torchrun: one per rank" if d.enabled else
+                 f"autocast {amp_dtype}")
+        return model
+    threads = int(cfg["threads"]) or max(1, cpu_count() - int(workers))
+    return FinishedModel(model, folder, threads, spec)
 
 
 def prediction_table(ids, values: np.ndarray, cols: list[str]) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from lib.core.progress import progress
 from lib.core.runtime import seed_for
 from lib.training import distributed as D
 from lib.training.data import LesionDataset, Tabular, to_device
-from lib.training.inference import f1_scores, infer
+from lib.training.inference import f1_scores, finished_forward, infer
 from lib.training.losses import Loss
 from lib.training.optim import autocast, set_train_mode
 
@@ -153,17 +153,27 @@ def should_validate(run: FoldRun, epoch: int) -> bool:
             or (every > 0 and (epoch + 1) % every == 0))
 
 
-def predict(run: FoldRun, ds: LesionDataset, desc: str) -> np.ndarray:
-    """TTA-averaged logits of `run.eval_model` for every row of `ds` (the validation/OOF/test path)."""
-    return infer(run.eval_model, run.eval_model, ds, run.views, run.device, run.batch_size, run.workers,
+def predict(run: FoldRun, ds: LesionDataset, desc: str, finished: bool = True) -> np.ndarray:
+    """TTA-averaged logits of `run.eval_model` for every row of `ds` (the validation/OOF/test path).
+    `finished`: the weights are final (OOF / test), so the pass runs in `features.runtime`'s engine
+    (`finished_forward`); a validation during training passes False (PyTorch)."""
+    fn = finished_forward(run.eval_model, run.cfg, run.out, run.d, run.amp_dtype, run.workers,
+                          ds.spec) if finished else run.eval_model
+    return infer(fn, run.eval_model, ds, run.views, run.device, run.batch_size, run.workers,
                  run.amp_dtype, run.channels_last, run.d, desc=desc)
 
 
+def training_over(run: FoldRun) -> bool:
+    """A validation now sees the final weights: the last epoch's (run.epoch = epochs completed before
+    it) without early stopping, which keeps the best epoch's weights and validation logits instead."""
+    return not run.tcfg["early_stopping"]["enabled"] and run.epoch + 1 >= run.epochs
+
+
 def validate(run: FoldRun, logits: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """Validation logits (inferred unless given) and metrics: val_loss, val_macro_f1, f1_<class>, and
-    val_auc for binary tasks."""
+    """Validation logits (inferred unless given; after the last epoch, the finished model's OOF pass)
+    and metrics: val_loss, val_macro_f1, f1_<class>, and val_auc for binary tasks."""
     if logits is None:
-        logits = predict(run, run.ds_va, f"fold {run.k} valid")
+        logits = predict(run, run.ds_va, f"fold {run.k} valid", finished=training_over(run))
     y = run.ds_va.y
     with torch.no_grad():
         vl = float(run.loss_fn(torch.tensor(logits, device=run.device), torch.tensor(y, device=run.device)))

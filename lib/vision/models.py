@@ -222,7 +222,7 @@ class FusionModel(_Base):
         xs = [batch[f"img_{m}"] for m in self.modalities]
         if self.shared:
             out = fn(self.encoders["shared"], torch.cat(xs, 0)).float()
-            return list(out.split([len(x) for x in xs], 0))
+            return list(out.split([x.shape[0] for x in xs], 0))   # shape, not len(): traced as a dynamic size by the ONNX export
         return [fn(self.encoders[m], x).float() for m, x in zip(self.modalities, xs)]
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -246,7 +246,7 @@ class FusionModel(_Base):
             c = torch.cat(ctx, 1)
             vis = self.cross_vc(vis, c)
             vis = torch.cat([vis, c], 1)
-        q = self.pool(self.query_embed.unsqueeze(0).expand(len(vis), -1, -1), vis)
+        q = self.pool(self.query_embed.unsqueeze(0).expand(vis.shape[0], -1, -1), vis)
         return self.neck(q.flatten(1))
 
 

@@ -1,10 +1,15 @@
-"""ONNX Runtime for frozen forward passes: a trunk up to its cut (or a whole pooled encoder) exported
-once to ONNX, cached, checked against PyTorch, and run through an ONNX Runtime CPU session.
+"""ONNX Runtime for frozen forward passes: a trunk up to its cut (or a whole pooled encoder), or a
+finished fold model (`lib.training.inference.finished_forward`), exported once to ONNX, cached,
+checked against PyTorch, and run through an ONNX Runtime CPU session.
 
 `features.runtime` picks the engine (`resolve_runtime`): `torch`, `onnxruntime`, or `auto` (ONNX
 Runtime on CPU when the package is installed, PyTorch on CUDA). `onnx_forward(module, ...)` returns
-an `OnnxForward` (tensor in, tensor out, like the module) or None, after one warning line, when the
+an `OnnxForward` (input in, tensor out, like the module) or None, after one warning line, when the
 module does not export or ONNX Runtime does not reproduce PyTorch: the caller then keeps the module.
+The input is one tensor (a trunk: `x [B, 3, H, W]`) or a dict of named tensors, each with the batch
+first (a fold model's batch: `img_<modality>`, `meta`, ...; the module is called with the dict and
+exported with one graph input per name). The check runs on at least two rows (the sample repeated
+if needed): the export traces one row, so a batch size baked into the graph is caught.
 
 Export: the TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`, opset `OPSET`,
 dynamic batch). The dynamo exporter needs `onnxscript` and is slower; the legacy one works offline
@@ -44,6 +49,8 @@ ONNX_FORMAT_VERSION = 1      # bump when what an exported file holds changes mea
 OPSET = 17
 ATOL = 1e-4                  # max abs difference of the outputs, ONNX Runtime vs PyTorch, at export
 
+Inputs = torch.Tensor | dict[str, torch.Tensor]   # one input `x`, or named inputs (batch first)
+
 
 def import_onnxruntime(why: str = "features.runtime = onnxruntime") -> ModuleType:
     """The onnxruntime module; ConfigError naming the package when it is not installed."""
@@ -82,17 +89,29 @@ def onnx_key(key_spec: dict) -> str:
                      "torch": torch.__version__, "onnxruntime": ort.__version__})
 
 
+def _array(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).contiguous().numpy())
+
+
+def feeds(session: Any, x: Inputs) -> dict[str, np.ndarray]:
+    """The session's inputs from `x`: the tensor (one-input graph) or the dict's tensors of the
+    graph's input names (a dict entry the graph does not read is not fed)."""
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(x, torch.Tensor):
+        return {names[0]: _array(x)}
+    return {n: _array(x[n]) for n in names}
+
+
 class OnnxForward:
-    """A frozen module's forward through an ONNX Runtime session: `x [B, 3, H, W] -> tensor` (CPU,
-    float32), a drop-in for the module in `embed_paths` / `trunk_activations`."""
+    """A frozen module's forward through an ONNX Runtime session: `x [B, 3, H, W]` (or the dict of
+    named inputs it was exported with) -> tensor (CPU, float32), a drop-in for the module in
+    `embed_paths` / `trunk_activations` / `lib.training.inference.infer`."""
 
     def __init__(self, session: Any, max_abs_diff: float) -> None:
         self.session, self.max_abs_diff = session, max_abs_diff
-        self.input = session.get_inputs()[0].name
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        a = np.ascontiguousarray(x.detach().to("cpu", torch.float32).contiguous().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input: a})[0])
+    def __call__(self, x: Inputs) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, feeds(self.session, x))[0])
 
 
 def make_session(path: Path, threads: int) -> Any:
@@ -108,15 +127,32 @@ def make_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+class _NamedInputs(nn.Module):
+    """`module(dict(zip(names, xs)))` as a module of positional tensors (what the exporter traces)."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.module, self.names = module, list(names)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.module(dict(zip(self.names, xs)))
+
+
+def export_onnx(module: nn.Module, example: Inputs, path: Path) -> None:
     """`module` -> ONNX at `path` (eval mode: a container left in train mode, e.g. `split_at`'s
-    Sequential, would export its batch norms in training form), dynamic batch, opset `OPSET`."""
+    Sequential, would export its batch norms in training form), dynamic batch, opset `OPSET`. A dict
+    `example` gives one graph input per name (the module is called with the dict)."""
+    if isinstance(example, torch.Tensor):
+        names, args = ["x"], (example.contiguous(),)
+    else:
+        names, args = list(example), tuple(t.contiguous() for t in example.values())
+        module = _NamedInputs(module, names)
     module.eval()
+    axes = {n: {0: "batch"} for n in [*names, "y"]}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")   # the exporter's deprecation / tracer notices, its graph dump on failure
-        torch.onnx.export(module, (example.contiguous(),), str(path), input_names=["x"], output_names=["y"],
-                          opset_version=OPSET, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-                          dynamo=False)
+        torch.onnx.export(module, args, str(path), input_names=names, output_names=["y"],
+                          opset_version=OPSET, dynamic_axes=axes, dynamo=False)
 
 
 def _one_line(e: BaseException) -> str:
@@ -124,13 +160,13 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}"
 
 
-def checked_session(path: Path, sample: torch.Tensor, ref: np.ndarray, threads: int,
+def checked_session(path: Path, sample: Inputs, ref: np.ndarray, threads: int,
                     atol: float = ATOL) -> tuple[Any | None, float, str]:
     """(session, max abs diff, '') when the file loads and reproduces `ref` on `sample` within
     `atol`; (None, diff, why) otherwise."""
     try:
         session = make_session(path, threads)
-        got = session.run(None, {session.get_inputs()[0].name: sample.contiguous().numpy()})[0]
+        got = session.run(None, feeds(session, sample))[0]
     except Exception as e:  # noqa: BLE001 - ONNX Runtime raises assorted errors on a bad file
         return None, float("nan"), f"unreadable ({_one_line(e)})"
     if got.shape != ref.shape:
@@ -141,15 +177,29 @@ def checked_session(path: Path, sample: torch.Tensor, ref: np.ndarray, threads: 
     return session, d, ""
 
 
-def onnx_forward(module: nn.Module, desc: str, key_spec: dict, folder: Path, sample: torch.Tensor,
+def onnx_path(folder: Path, desc: str, key_spec: dict) -> Path:
+    """Where the exported file of `desc` under `key_spec` lives: `folder/<desc>-<key>.onnx`."""
+    return Path(folder) / f"{desc}-{onnx_key(key_spec)}.onnx"
+
+
+def _rows(x: Inputs, n: int | None = None) -> Inputs:
+    """`x` on the CPU in float32, its first `n` rows (all when None), at least two (repeated)."""
+    def one(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu", torch.float32).contiguous()[:n]
+        return t if n is not None or len(t) > 1 else torch.cat([t, t])
+    return one(x) if isinstance(x, torch.Tensor) else {k: one(t) for k, t in x.items()}
+
+
+def onnx_forward(module: nn.Module, desc: str, key_spec: dict, folder: Path, sample: Inputs,
                  threads: int, atol: float = ATOL) -> OnnxForward | None:
     """The ONNX Runtime twin of `module` (frozen, on CPU), from `folder/<desc>-<key>.onnx` or
-    exported there; checked on `sample` (real images); None (one warning line) when it does not
-    export or does not reproduce PyTorch within `atol`."""
-    sample = sample.detach().to("cpu", torch.float32).contiguous()
+    exported there; checked on `sample` (real images; a tensor or a dict of named tensors, see the
+    module's doc); None (one warning line) when it does not export or does not reproduce PyTorch
+    within `atol`."""
+    sample = _rows(sample)
     with torch.no_grad():
         ref = module.eval()(sample).float().numpy().astype(np.float64)
-    path = folder / f"{desc}-{onnx_key(key_spec)}.onnx"
+    path = onnx_path(folder, desc, key_spec)
     if path.exists():
         session, d, why = checked_session(path, sample, ref, threads, atol)
         if session is not None:
@@ -160,14 +210,14 @@ def onnx_forward(module: nn.Module, desc: str, key_spec: dict, folder: Path, sam
     return _export_checked(module, desc, path, sample, ref, threads, atol)
 
 
-def _export_checked(module: nn.Module, desc: str, path: Path, sample: torch.Tensor, ref: np.ndarray,
+def _export_checked(module: nn.Module, desc: str, path: Path, sample: Inputs, ref: np.ndarray,
                     threads: int, atol: float) -> OnnxForward | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         try:
-            export_onnx(module, sample[:1], Path(tmp))
+            export_onnx(module, _rows(sample, 1), Path(tmp))
         except Exception as e:  # noqa: BLE001 - any export failure means: stay on PyTorch
             log.warning("%s: does not export to ONNX (%s); running it in PyTorch", desc, _one_line(e))
             return None

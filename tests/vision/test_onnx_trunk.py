@@ -145,3 +145,38 @@ def test_export_of_a_container_left_in_train_mode_is_the_eval_forward(tmp_path) 
     with torch.no_grad():
         np.testing.assert_allclose(got, trunk(_x()).numpy(), atol=1e-4)
     assert torch.equal(trunk[1].running_mean, stats)      # batch-norm statistics untouched
+
+
+class _TwoInputs(torch.nn.Module):
+    """A dict-batch module: reads `a` and `b`, ignores `unused`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fc(batch["a"]) * batch["b"]
+
+
+def _ab(n: int, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(n, 4, generator=g), "b": torch.randn(n, 1, generator=g), "unused": torch.zeros(n, 5)}
+
+
+def test_named_inputs_export_one_graph_input_each_and_are_fed_by_name(tmp_path) -> None:
+    m = _TwoInputs()
+    f = O.onnx_forward(m, "ab", {"cut": None}, tmp_path, _ab(3), threads=1)
+    assert f is not None and [i.name for i in f.session.get_inputs()] == ["a", "b"]   # unused: not a graph input
+    with torch.no_grad():
+        np.testing.assert_allclose(f(_ab(7, seed=4)).numpy(), m(_ab(7, seed=4)).numpy(), atol=1e-6)
+    assert list(tmp_path.iterdir()) == [O.onnx_path(tmp_path, "ab", {"cut": None})]
+
+
+def test_a_batch_size_baked_in_at_export_is_caught_even_on_a_one_row_sample(tmp_path, caplog) -> None:
+    class Baked(torch.nn.Module):              # len(x) is a constant in the traced graph (1: the export row)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(len(x), -1)[:, :5]
+    with caplog.at_level(logging.WARNING):
+        assert O.onnx_forward(Baked(), "baked", {"cut": None}, tmp_path, _x(1), threads=1) is None
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and "nothing cached" in msgs[0] and list(tmp_path.iterdir()) == []
