@@ -59,6 +59,7 @@ class Frozen:
 
     def __init__(self, cfg: dict) -> None:
         self.device = torch_device(cfg)
+        self.seed = int(cfg["seed"])   # the random init of an encoder without weights (`_build`)
         self.workers = _workers(cfg)
         self.threads = int(cfg["threads"]) or max(1, cpu_count() - self.workers)
         self.runtime = resolve_runtime(cfg["features"]["runtime"], self.device)
@@ -89,7 +90,10 @@ class Rows:
 def _spec(cfg: dict, enc: dict, info: dict, frozen: Frozen, keep: bool) -> tuple[dict, list[str]]:
     views = parse_views(enc.get("tta") or cfg["features"]["tta"])
     ident = encoder_identity(enc["arch"], enc["weights"], enc["hub"], frozen.sha_cache)
-    return encoder_spec(enc, views, info["cache_tag"], keep, identity=ident), views
+    spec = encoder_spec(enc, views, info["cache_tag"], keep, identity=ident)
+    if enc["weights"] is None:   # random weights: decided by the seed they are drawn with (`_build`)
+        spec["random_init_seed"] = frozen.seed
+    return spec, views
 
 
 def _onnx_key_spec(spec: dict, cut: str | None) -> dict:
@@ -97,8 +101,12 @@ def _onnx_key_spec(spec: dict, cut: str | None) -> dict:
     return {**{k: v for k, v in spec.items() if k not in ("views", "keep_views")}, "cut": cut}
 
 
-def _build(enc: dict, device: str) -> nn.Module:
-    model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(device)
+def _build(enc: dict, frozen: Frozen) -> nn.Module:
+    """The encoder, eval mode, channels_last; without weights its random init is drawn from the config's
+    seed (in a forked RNG), so every run and every cache entry sees the same encoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(frozen.seed)
+        model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(frozen.device)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -119,7 +127,7 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
             continue
         if model is None:
             files = [str(prep_dir(cfg) / p) for p in df[f"path_{info['modalities'][0]}"]]
-            model, runtime = frozen.forward(_build(enc, frozen.device), enc["name"], _onnx_key_spec(spec, None),
+            model, runtime = frozen.forward(_build(enc, frozen), enc["name"], _onnx_key_spec(spec, None),
                                             first_images(files, spec))
         per_mod: dict[str, np.ndarray] = {}
         t0 = time.time()
@@ -178,7 +186,7 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
     spec, views = _spec(cfg, enc, info, frozen, keep)
     folder = prep_dir(cfg) / A.FEATURES / f"{enc['name']}-{spec_key({**spec, 'trunk_cut': enc['cut']})}"
     tfolder = prep_dir(cfg) / A.TRUNKS / f"{enc['name']}-{trunk_key(spec, enc['cut'])}"
-    model = _build(enc, frozen.device)
+    model = _build(enc, frozen)
     _, tail, pool = split_at(model, enc["cut"])
     trunk, runtime = _trunk_forward(cfg, enc, info, tables, spec, tfolder, model, frozen, rows)
     acts: dict[str, list[np.ndarray]] = {}

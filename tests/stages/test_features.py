@@ -89,7 +89,6 @@ def test_tta_mean_equals_mean_of_views(prepared: Path) -> None:
 
     cfg = _cfg(prepared)
     info, train, _ = dataset.load_dataset(cfg)
-    torch.manual_seed(0)
     model = backbones.build_backbone("test_efficientnet", None).eval()
     spec = {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
     paths = [str(prepared / "prep/milk10k_sample" / p) for p in train["path_dermoscopic"][:5]]
@@ -275,14 +274,11 @@ def test_another_test_release_recomputes_only_the_test_side(tmp_path: Path, capl
     """A second test release on the same prep folder (the same lesions, one image replaced under the same
     id: what an id check alone misses): every train-side cache (embeddings, trunk activations, fine-tuned fold models and OOF logits)
     is reused untouched; the test side is recomputed and equals a from-scratch run on that release.
-    (The tiny encoder has random weights, which no cache key can see: each run seeds them alike.)"""
-    import torch
-
+    (The tiny encoder has random weights: drawn from the config's seed, in every run alike.)"""
     enc = {"cut": "conv_head", "finetune": True}
     a, scratch = tmp_path / "a", tmp_path / "scratch"
     cfg = _cfg(a, "rel", "features.finetune.epochs=1", **enc)
     prepare.run(cfg)
-    torch.manual_seed(0)
     features.run(cfg)
     first = _outputs(a, "rel")
     caches = [p for p in (a / "prep").rglob("*") if p.is_file() and p.parent.parent.name in (A.FEATURES, A.TRUNKS)]
@@ -293,7 +289,6 @@ def test_another_test_release_recomputes_only_the_test_side(tmp_path: Path, capl
 
     cfg_b = _cfg(a, "rel", "features.finetune.epochs=1", f"data.test_root={release}", **enc)
     prepare.run(cfg_b)
-    torch.manual_seed(0)
     with caplog.at_level(logging.INFO):
         features.run(cfg_b)
     assert {p: p.stat().st_mtime_ns for p in train_side} == train_side
@@ -307,8 +302,25 @@ def test_another_test_release_recomputes_only_the_test_side(tmp_path: Path, capl
 
     cfg_s = _cfg(scratch, "rel", "features.finetune.epochs=1", f"data.test_root={release}", **enc)
     prepare.run(cfg_s)
-    torch.manual_seed(0)
     features.run(cfg_s)
     fresh = _outputs(scratch, "rel")
     for name, df in fresh.items():
         pd.testing.assert_frame_equal(again[name], df, check_exact=False, atol=1e-6, rtol=0, obj=name)
+
+
+def test_an_encoder_without_weights_is_the_same_in_every_run_and_keyed_by_its_seed(prepared: Path) -> None:
+    """Random weights (`weights: null`) are drawn from the config's seed, so two runs embed alike and a
+    cache made with another seed is not reused (its key holds the seed)."""
+    import torch
+
+    _fresh(prepared)
+    torch.manual_seed(123)   # whatever the global RNG holds
+    features.run(_cfg(prepared, "seed_a"))
+    _fresh(prepared)         # computed again, not read from the cache
+    torch.manual_seed(456)
+    features.run(_cfg(prepared, "seed_b"))
+    a = pd.read_parquet(prepared / "seed_a/features/tiny_test.parquet")
+    pd.testing.assert_frame_equal(a, pd.read_parquet(prepared / "seed_b/features/tiny_test.parquet"))
+    features.run(_cfg(prepared, "seed_c", "seed=7"))
+    c = pd.read_parquet(prepared / "seed_c/features/tiny_test.parquet")
+    assert not np.allclose(a.iloc[:, 1:].to_numpy(), c.iloc[:, 1:].to_numpy(), atol=1e-4)
