@@ -270,10 +270,12 @@ def cpu_model() -> str:
 def determinism(cfg: dict) -> dict:
     """What decides bit-for-bit results besides the config, the data and the code: the device (resolved
     when torch is loaded), torch's compute threads and CPU capability (the SIMD kernels it dispatches
-    to), the GPU, the CPU model and the OS. torch is never imported for this: absent -> null."""
+    to), the GPU, the usable cores, the CPU model and the OS. torch is never imported for this: a stage
+    that did not load it records null threads and capability."""
     torch = sys.modules.get("torch")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     out = {"device": str(cfg.get("device", "auto")), "threads": None, "cpu_capability": None,
-           "cpu": cpu_model(), "machine": platform.machine(), "platform": platform.platform()}
+           "cores": cores, "cpu": cpu_model(), "machine": platform.machine(), "platform": platform.platform()}
     if torch is None:
         return out
     if out["device"] == "auto":
