@@ -78,6 +78,24 @@ def sample_derm_images(n: int) -> list[Path]:
     return [image_of(SAMPLE, i) for i in ids]
 
 
+def other_test_release(dst: Path, drop: int = 3) -> tuple[Path, str]:
+    """A second MILK10k test release made from the sample's (for `data.test_root` / `--test-data`): its
+    last `drop` lesions dropped and the dermoscopic image of its first lesion replaced by the second
+    lesion's (same id, another picture). Returns (release folder, the lesion whose image changed)."""
+    meta = read_raw(SAMPLE / TEST_META)
+    lesions = list(dict.fromkeys(meta["lesion_id"]))
+    keep = lesions[:len(lesions) - drop]
+    meta = meta[meta["lesion_id"].isin(keep)]
+    dst.mkdir(parents=True, exist_ok=True)
+    write_raw(meta, dst / TEST_META)
+    for lid in keep:
+        shutil.copytree(SAMPLE / TEST_IN / lid, dst / TEST_IN / lid)
+    derm = meta[meta["image_type"] == "dermoscopic"].set_index("lesion_id")["isic_id"]
+    changed, donor = keep[0], keep[1]
+    shutil.copyfile(dst / TEST_IN / donor / f"{derm[donor]}.jpg", dst / TEST_IN / changed / f"{derm[changed]}.jpg")
+    return dst, changed
+
+
 # --------------------------------------------------------------------------- tiny other-format releases
 HAM_ROWS = [  # (lesion_id, image_id, dx, age, sex, localization): 3 lesions with several images
     ("HAM_0000001", "ISIC_0024001", "nv", "45", "male", "back"),

@@ -5,24 +5,28 @@ Layout (every path below `paths.output`, `<prep>` = `paths.prep`):
 
 - `<prep>/`  (01): train.parquet, test.parquet, folds.csv, fold_summary.csv, meta_encoders.json,
   dataset.json, config.yaml, manifest.json, images/<cache tag>/, features/<enc>-<key>/ (03's cache:
-  <split>.parquet + .json, `cache_file`), trunks/<enc>-<key>/ (03's trunk cache of a cut encoder:
-  <split>_<modality>.npy, `trunk_file`)
+  <split>-<rows>.parquet + .json, `rows_file`, named by the fingerprint of the rows it holds),
+  features/ft_<enc>-<key>/ (03's fine-tune cache: train.parquet + .json, fold{k}.safetensors,
+  test-<rows>.parquet + .json), trunks/<enc>-<key>/ (03's trunk cache of a cut encoder:
+  <split>_<modality>.npy + .json holding the rows' fingerprint, `trunk_file`)
 - `<exp>/`   (02): fold{k}/ (checkpoint.pt, model.pt, history.csv, oof.parquet logits,
-  test_logits.parquet, summary.json, config.yaml); oof.parquet, test.parquet, cv.json, config.yaml,
-  manifest.json
+  test_logits.parquet + test_logits.json (the fingerprint of the test rows they are for),
+  summary.json, config.yaml); oof.parquet, test.parquet, cv.json, config.yaml, manifest.json
 - `<exp>/features/` (03): <enc>_<split>.parquet + .json, config.yaml, manifest.json
 - `<exp>/`   (04): oof.parquet, test.parquet, cv.json, importance.parquet, heads/, config.yaml, manifest.json
 - `<exp>/`   (05): oof.parquet, test.parquet (blended probabilities), submission.csv, thresholds.json,
   cv.json, report.md, report/*.png, config.yaml, manifest.json
 
 A manifest records the stage, the config fingerprint, the sha1 of the folds.csv used, the folders it
-read (with their fingerprints), the UTC time and the stage's wall seconds. Stages 04 and 05 refuse
+read (with their fingerprints), the UTC time, the stage's wall seconds, the library versions and
+what else decides bit-for-bit results (`determinism`: device, threads, torch's CPU capability, CPU). Stages 04 and 05 refuse
 a member made on another folds.csv (`require_same_folds`).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -61,6 +65,7 @@ DATASET = "dataset.json"
 IMAGES = "images"
 # 02 (fold folders)
 FOLD_TEST_LOGITS = "test_logits.parquet"
+FOLD_TEST_ROWS = "test_logits.json"  # fold{k}/: {"rows": fingerprint of the test rows, "n"} (02)
 FOLD_SUMMARY_JSON = "summary.json"
 HISTORY = "history.csv"
 CHECKPOINT = "checkpoint.pt"
@@ -88,6 +93,11 @@ FIG_CV_SPREAD = "cv_spread.png"
 CV_SCHEMA_VERSION = 1
 CHECKPOINT_VERSION = 1               # `format_version` of fold{k}/checkpoint.pt and model.pt
 MANIFEST_SCHEMA_VERSION = 1
+VERSIONED = {  # module -> its distribution name(s): the libraries a manifest records the versions of
+    "numpy": ("numpy",), "pandas": ("pandas",), "sklearn": ("scikit-learn",), "torch": ("torch",),
+    "timm": ("timm",), "safetensors": ("safetensors",), "onnx": ("onnx",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "xgboost": ("xgboost",), "lightgbm": ("lightgbm",),
+}
 STAGES = {  # stage name -> (number, script)
     "prepare": ("01", "01_preprocess.py"),
     "train": ("02", "02_train_fold.py"),
@@ -109,6 +119,17 @@ def features_file(enc: str, split: str, ext: str = "parquet") -> str:
 def cache_file(split: str, ext: str = "parquet") -> str:
     """`<split>.<ext>` inside one cache folder of 03, `<prep>/features/<enc>-<key>/`."""
     return f"{split}.{ext}"
+
+
+def rows_file(split: str, rows: str, ext: str = "parquet") -> str:
+    """`<split>-<rows[:16]>.<ext>`: a 03 cache file named by the fingerprint of the rows it holds
+    (`lib.data.dataset.table_fingerprint`), so another test release never reads it."""
+    return f"{split}-{rows[:16]}.{ext}"
+
+
+def finetune_fold_file(k: int) -> str:
+    """`fold{k}.safetensors`: fold k's fine-tuned tail + head in a fine-tune cache folder (03)."""
+    return f"{fold_name(k)}.safetensors"
 
 
 def trunk_file(split: str, modality: str) -> str:
@@ -213,12 +234,58 @@ def lib_version() -> str:
     return f"git-{sha}{'-dirty' if dirty else ''}" if sha else "unknown"
 
 
+def _installed(dists: tuple[str, ...]) -> str | None:
+    """The version of the first installed distribution of `dists` (read from its metadata: nothing imported)."""
+    for d in dists:
+        try:
+            return importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def versions() -> dict:
-    """python, torch (only when already imported: never imported for this) and lib."""
+    """python, lib and each library of VERSIONED that is installed: the imported module's `__version__`
+    when it is loaded, else the installed distribution's (no library is imported for this)."""
     out = {"python": platform.python_version(), "lib": lib_version()}
+    for name, dists in VERSIONED.items():
+        mod = sys.modules.get(name)
+        v = getattr(mod, "__version__", None) if mod is not None else None
+        v = v or _installed(dists)
+        if v:
+            out[name] = str(v)
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo`, as `lscpu` shows it), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def determinism(cfg: dict) -> dict:
+    """What decides bit-for-bit results besides the config, the data and the code: the device (resolved
+    when torch is loaded), torch's compute threads and CPU capability (the SIMD kernels it dispatches
+    to), the GPU, the usable cores, the CPU model and the OS. torch is never imported for this: a stage
+    that did not load it records null threads and capability."""
     torch = sys.modules.get("torch")
-    if torch is not None:
-        out["torch"] = str(getattr(torch, "__version__", "unknown"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out = {"device": str(cfg.get("device", "auto")), "threads": None, "cpu_capability": None,
+           "cores": cores, "cpu": cpu_model(), "machine": platform.machine(), "platform": platform.platform()}
+    if torch is None:
+        return out
+    if out["device"] == "auto":
+        out["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    out["threads"] = int(torch.get_num_threads())
+    out["cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+    if out["device"].startswith("cuda") and torch.cuda.is_available():
+        out.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
     return out
 
 
@@ -253,7 +320,8 @@ def write_manifest(cfg: dict, folder: str | Path, stage: str, inputs: list[dict]
          "exp": str(cfg["exp"] if exp is None else exp), "path": _rel(cfg, Path(folder)),
          "fingerprint": config_fingerprint(cfg), "folds_sha1": folds_sha1(cfg), "inputs": inputs,
          "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "wall_seconds": round(float(wall_seconds), 2), "versions": versions(), **(extra or {})}
+         "wall_seconds": round(float(wall_seconds), 2), "versions": versions(), "determinism": determinism(cfg),
+         **(extra or {})}
     return write_json(m, Path(folder) / MANIFEST)
 
 

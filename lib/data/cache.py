@@ -1,6 +1,7 @@
 """Image cache: decode and resize each source image once (optional CLAHE / Shades of Gray), as JPEG."""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -72,6 +73,24 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if HDF5_SEP in p:
         return _decode(read_hdf5_bytes(p), p)
     return _decode(p, p)
+
+
+def image_sha1(ref: str | Path) -> str:
+    """sha1 of the encoded bytes behind an image reference (a file, `<file.hdf5>::<key>`, or several
+    views joined by `|`: the sha1 of their digests), the content fingerprint of one image."""
+    p = str(ref)
+    if VIEW_SEP in p:
+        return hashlib.sha1(VIEW_SEP.join(image_sha1(v) for v in p.split(VIEW_SEP)).encode()).hexdigest()
+    if HDF5_SEP in p:
+        return hashlib.sha1(read_hdf5_bytes(p)).hexdigest()
+    h = hashlib.sha1()
+    try:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise PipelineError(f"image not found: {p}") from None
+    return h.hexdigest()
 
 
 def source_mtime(src: str) -> float:

@@ -1,6 +1,11 @@
 """Frozen-encoder embeddings per lesion and modality, TTA-averaged, cached by encoder (its identity:
 weights sha256, hub flag, package versions) + preprocessing; frozen forward passes in PyTorch or ONNX
-Runtime (`features.runtime`, `Frozen`)."""
+Runtime (`features.runtime`, `Frozen`).
+
+Every cache file is keyed by the rows it holds (`Rows`: ids + the bytes of their cached images,
+`lib.data.dataset`): embeddings are named by that fingerprint (`rows_file`), trunk activations carry
+it in their sidecar, fine-tuned test logits are named by it beside the kept fold models. A new test
+release on the same prep folder reuses every train-side cache and recomputes only the test side."""
 from __future__ import annotations
 
 import logging
@@ -18,10 +23,17 @@ from torch import nn
 from lib.core import artifacts as A
 from lib.core.artifacts import prep_dir, save_config
 from lib.core.errors import ConfigError, PipelineError
-from lib.core.io import ID, write_json, write_parquet
+from lib.core.io import ID, read_json, write_json, write_parquet
 from lib.core.runtime import cpu_count, torch_device
-from lib.data.dataset import load_dataset
-from lib.training.cached_trunk import FineTune, cross_fit, finetune_key_parts
+from lib.data.dataset import image_digests, load_dataset, rows_fingerprint
+from lib.training.cached_trunk import (
+    FineTune,
+    cross_fit,
+    finetune_key_parts,
+    load_tail_head,
+    save_tail_head,
+    mean_test_logits,
+)
 from lib.training.inference import f1_scores, fold_logit_features, prediction_table
 from lib.vision import backbones
 from lib.vision.embed import (
@@ -47,6 +59,7 @@ class Frozen:
 
     def __init__(self, cfg: dict) -> None:
         self.device = torch_device(cfg)
+        self.seed = int(cfg["seed"])   # the random init of an encoder without weights (`_build`)
         self.workers = _workers(cfg)
         self.threads = int(cfg["threads"]) or max(1, cpu_count() - self.workers)
         self.runtime = resolve_runtime(cfg["features"]["runtime"], self.device)
@@ -62,10 +75,25 @@ class Frozen:
         return (twin, "onnxruntime") if twin is not None else (module, "torch")
 
 
+class Rows:
+    """The fingerprint of each split's rows (ids + the bytes of their images, every modality), the key
+    of every cache file of this stage; `labelled`: the train rows with their labels too (fine-tunes)."""
+
+    def __init__(self, cfg: dict, info: dict, tables: dict[str, pd.DataFrame], train: pd.DataFrame) -> None:
+        digests = {split: {m: image_digests(prep_dir(cfg), df[f"path_{m}"]) for m in info["modalities"]}
+                   for split, df in tables.items()}
+        self.split = {split: rows_fingerprint(df[ID], digests[split]) for split, df in tables.items()}
+        ycols = [f"y_{c}" for c in info["classes"]]
+        self.labelled = rows_fingerprint(train[ID], digests["train"], train[ycols])
+
+
 def _spec(cfg: dict, enc: dict, info: dict, frozen: Frozen, keep: bool) -> tuple[dict, list[str]]:
     views = parse_views(enc.get("tta") or cfg["features"]["tta"])
     ident = encoder_identity(enc["arch"], enc["weights"], enc["hub"], frozen.sha_cache)
-    return encoder_spec(enc, views, info["cache_tag"], keep, identity=ident), views
+    spec = encoder_spec(enc, views, info["cache_tag"], keep, identity=ident)
+    if enc["weights"] is None:   # random weights: decided by the seed they are drawn with (`_build`)
+        spec["random_init_seed"] = frozen.seed
+    return spec, views
 
 
 def _onnx_key_spec(spec: dict, cut: str | None) -> dict:
@@ -73,31 +101,33 @@ def _onnx_key_spec(spec: dict, cut: str | None) -> dict:
     return {**{k: v for k, v in spec.items() if k not in ("views", "keep_views")}, "cut": cut}
 
 
-def _build(enc: dict, device: str) -> nn.Module:
-    model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(device)
+def _build(enc: dict, frozen: Frozen) -> nn.Module:
+    """The encoder, eval mode, channels_last; without weights its random init is drawn from the config's
+    seed (in a forked RNG), so every run and every cache entry sees the same encoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(frozen.seed)
+        model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(frozen.device)
     return model.to(memory_format=torch.channels_last)
 
 
-def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], frozen: Frozen
-                    ) -> dict[str, Path]:
-    """Embeddings of one encoder for each split, from the shared cache or computed (and cached)."""
+def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], frozen: Frozen,
+                    rows: Rows) -> dict[str, Path]:
+    """Embeddings of one encoder for each split, from the shared cache (the file of exactly these rows)
+    or computed (and cached: the json sidecar first, the parquet last, which marks it complete)."""
     keep = bool(cfg["features"]["keep_views"])
     spec, views = _spec(cfg, enc, info, frozen, keep)
     folder = prep_dir(cfg) / A.FEATURES / f"{enc['name']}-{spec_key(spec)}"
     model, runtime = None, "torch"
     paths: dict[str, Path] = {}
     for split, df in tables.items():
-        path = folder / A.cache_file(split)
+        path = folder / A.rows_file(split, rows.split[split])
         paths[split] = path
         if path.exists():
-            old = pd.read_parquet(path, columns=[ID])
-            if list(old[ID]) == list(df[ID]):
-                log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
-                continue
-            log.info("%s/%s: cached embeddings are for other lesions; recomputing", enc["name"], split)
+            log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
+            continue
         if model is None:
             files = [str(prep_dir(cfg) / p) for p in df[f"path_{info['modalities'][0]}"]]
-            model, runtime = frozen.forward(_build(enc, frozen.device), enc["name"], _onnx_key_spec(spec, None),
+            model, runtime = frozen.forward(_build(enc, frozen), enc["name"], _onnx_key_spec(spec, None),
                                             first_images(files, spec))
         per_mod: dict[str, np.ndarray] = {}
         t0 = time.time()
@@ -107,10 +137,10 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
                                      frozen.workers, f"{enc['name']} {split} {m}", keep_views=keep)
         cols = _embedding_columns(enc["name"], info, per_mod, views, keep)
         n_img, dt = len(df) * len(info["modalities"]), time.time() - t0
+        write_json({**spec, "name": enc["name"], "split": split, "rows": rows.split[split], "n_images": n_img,
+                    "seconds": round(dt, 1), "images_per_s": round(n_img * len(views) / dt, 2),
+                    "device": frozen.device, "runtime": runtime, "threads": frozen.threads}, path.with_suffix(".json"))
         write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
-        write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
-                    "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
-                    "runtime": runtime, "threads": frozen.threads}, folder / A.cache_file(split, "json"))
         log.info("%s/%s: %d images x %d views in %.0fs (%.1f img/s, %s)", enc["name"], split, n_img,
                  len(views), dt, n_img * len(views) / dt, runtime)
     return paths
@@ -128,12 +158,13 @@ def _embedding_columns(name: str, info: dict, per_mod: dict[str, np.ndarray], vi
 
 
 def _trunk_forward(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], spec: dict,
-                   tfolder: Path, model: nn.Module, frozen: Frozen) -> tuple[Callable, str]:
+                   tfolder: Path, model: nn.Module, frozen: Frozen, rows: Rows) -> tuple[Callable, str]:
     """The trunk's forward for the splits whose activations are not cached yet: the split is checked
     on the first images (`check_split`: trunk + tail + pool must reproduce the encoder), then the
     trunk runs in PyTorch or ONNX Runtime (`Frozen.forward`). (None, '') when all are cached."""
     todo = [(split, m) for split, df in tables.items() for m in info["modalities"]
-            if not trunk_cached([str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], tfolder / A.trunk_file(split, m))]
+            if not trunk_cached([str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], tfolder / A.trunk_file(split, m),
+                                rows.split[split])]
     if not todo:
         return None, ""
     split, m = todo[0]
@@ -145,8 +176,8 @@ def _trunk_forward(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFr
                           sample)
 
 
-def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], frozen: Frozen
-                      ) -> tuple[dict[str, Path], dict[str, list[np.ndarray]], tuple]:
+def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], frozen: Frozen,
+                      rows: Rows) -> tuple[dict[str, Path], dict[str, list[np.ndarray]], tuple]:
     """An encoder with `cut`: its trunk activations per split and modality (cached under
     `prep/trunks/<name>-<key>/`), and its embeddings computed from them by the tail + pooling (cached
     like any encoder's, under a key that includes the cut). Returns (embedding paths, activations,
@@ -155,55 +186,83 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
     spec, views = _spec(cfg, enc, info, frozen, keep)
     folder = prep_dir(cfg) / A.FEATURES / f"{enc['name']}-{spec_key({**spec, 'trunk_cut': enc['cut']})}"
     tfolder = prep_dir(cfg) / A.TRUNKS / f"{enc['name']}-{trunk_key(spec, enc['cut'])}"
-    model = _build(enc, frozen.device)
+    model = _build(enc, frozen)
     _, tail, pool = split_at(model, enc["cut"])
-    trunk, runtime = _trunk_forward(cfg, enc, info, tables, spec, tfolder, model, frozen)
+    trunk, runtime = _trunk_forward(cfg, enc, info, tables, spec, tfolder, model, frozen, rows)
     acts: dict[str, list[np.ndarray]] = {}
     paths: dict[str, Path] = {}
     for split, df in tables.items():
         t0 = time.time()
         acts[split] = [trunk_activations(trunk, [str(prep_dir(cfg) / p) for p in df[f"path_{m}"]], spec,
                                          frozen.device, cfg["features"]["batch_size"], frozen.workers,
-                                         f"{enc['name']} trunk {split} {m}", tfolder / A.trunk_file(split, m))
+                                         f"{enc['name']} trunk {split} {m}", tfolder / A.trunk_file(split, m),
+                                         rows.split[split])
                        for m in info["modalities"]]
-        paths[split] = path = folder / A.cache_file(split)
-        if path.exists() and list(pd.read_parquet(path, columns=[ID])[ID]) == list(df[ID]):
+        paths[split] = path = folder / A.rows_file(split, rows.split[split])
+        if path.exists():
             log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
             continue
         per_mod = {m: pooled_from_trunk(tail, pool, a, frozen.device, keep_views=keep)
                    for m, a in zip(info["modalities"], acts[split])}
         cols = _embedding_columns(enc["name"], info, per_mod, views, keep)
-        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
         n_img, dt = len(df) * len(info["modalities"]), time.time() - t0
-        write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
-                    "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
-                    "trunk_cut": enc["cut"], "trunk_cache": str(tfolder), "runtime": runtime or "cached",
-                    "threads": frozen.threads}, folder / A.cache_file(split, "json"))
+        write_json({**spec, "name": enc["name"], "split": split, "rows": rows.split[split], "n_images": n_img,
+                    "seconds": round(dt, 1), "images_per_s": round(n_img * len(views) / dt, 2),
+                    "device": frozen.device, "trunk_cut": enc["cut"], "trunk_cache": str(tfolder),
+                    "runtime": runtime or "cached", "threads": frozen.threads}, path.with_suffix(".json"))
+        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
         log.info("%s/%s: %d images x %d views via the trunk cache in %.0fs", enc["name"], split, n_img,
                  len(views), dt)
     return paths, acts, (tail, pool, int(model.num_features))
 
 
 def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataFrame], train: pd.DataFrame,
-                     out: Path, acts: dict[str, list[np.ndarray]], tail_pool: tuple, frozen: Frozen) -> None:
+                     out: Path, acts: dict[str, list[np.ndarray]], tail_pool: tuple, frozen: Frozen,
+                     rows: Rows) -> None:
     """Feature block `ft_<name>`: class logits of the encoder's tail + head fine-tuned per fold on the
     trunk cache (fold k's model never trains on fold k's lesions; test = mean of the fold models).
     Cached under `prep/features/ft_<name>-<key>/` (key: trunk cache key, fine-tune settings, seed,
-    folds.csv, FINETUNE_FORMAT_VERSION), so a rerun reuses it."""
+    folds.csv, the train rows' fingerprint, FINETUNE_FORMAT_VERSION): the OOF logits and each fold's
+    model (safetensors), then the test logits per test fingerprint, computed by the kept fold models,
+    so a new test release is scored without training again."""
     if info.get("task", "multiclass") != "multiclass":
         raise ConfigError(f"features.encoders[{enc['name']}].finetune: cached-trunk fine-tuning is multiclass only")
     classes, name = list(info["classes"]), f"ft_{enc['name']}"
     ft = FineTune(**finetune_settings(cfg, enc), seed=int(cfg["seed"]))
     spec, _ = _spec(cfg, enc, info, frozen, False)
-    key = spec_key(finetune_key_parts(trunk_key(spec, enc["cut"]), ft, A.folds_sha1(cfg), classes, "test" in tables))
+    key = spec_key(finetune_key_parts(trunk_key(spec, enc["cut"]), ft, A.folds_sha1(cfg), classes, rows.labelled))
     folder = prep_dir(cfg) / A.FEATURES / f"{name}-{key}"
+    models = None
     if not (folder / A.cache_file("train")).exists():
-        _finetune(enc, name, classes, ft, train, tables, acts, tail_pool, folder, frozen.device)
+        models = _finetune(enc, name, classes, ft, train, tables, acts, tail_pool, folder, frozen.device)
     else:
-        log.info("%s: cached fine-tuned logits reused (%s)", name, folder)
-    for split in tables:
-        _link(folder / A.cache_file(split), out / A.features_file(name, split))
-        shutil.copyfile(folder / A.cache_file(split, "json"), out / A.features_file(name, split, "json"))
+        log.info("%s: cached fine-tuned fold models and OOF logits reused (%s)", name, folder)
+    src = {"train": folder / A.cache_file("train")}
+    if "test" in tables:
+        src["test"] = folder / A.rows_file("test", rows.split["test"])
+        if src["test"].exists():
+            log.info("%s: cached test logits of these test rows reused (%s)", name, src["test"])
+        else:
+            folds = sorted(int(f) for f in train["fold"].unique())
+            models = models or _load_fold_models(folder, folds, len(info["modalities"]), len(classes), ft,
+                                                 tail_pool, frozen.device)
+            logits = mean_test_logits(models, acts["test"], frozen.device)
+            meta = {**read_json(folder / A.cache_file("train", "json")), "split": "test", "rows": rows.split["test"],
+                    "source": "mean of the fold models"}
+            write_json(meta, src["test"].with_suffix(".json"))
+            write_parquet(prediction_table(tables["test"][ID], logits, [f"logit_{name}_{c}" for c in classes]),
+                          src["test"])
+            log.info("%s: test logits of %d lesions from the %d kept fold models", name, len(logits), len(models))
+    for split, path in src.items():
+        _link(path, out / A.features_file(name, split))
+        shutil.copyfile(path.with_suffix(".json"), out / A.features_file(name, split, "json"))
+
+
+def _load_fold_models(folder: Path, folds: list[int], n_mod: int, n_classes: int, ft: FineTune, tail_pool: tuple,
+                      device: str) -> list:
+    tail, pool, n_feat = tail_pool
+    return [load_tail_head(folder / A.finetune_fold_file(k), tail, pool, n_feat, n_mod, n_classes, ft.dropout, device)
+            for k in folds]
 
 
 def _own_finetune(enc: dict) -> dict:
@@ -218,23 +277,29 @@ def finetune_settings(cfg: dict, enc: dict) -> dict:
 
 def _finetune(enc: dict, name: str, classes: list[str], ft: FineTune, train: pd.DataFrame,
               tables: dict[str, pd.DataFrame], acts: dict[str, list[np.ndarray]], tail_pool: tuple,
-              folder: Path, device: str) -> None:
+              folder: Path, device: str) -> list:
+    """Fit the fold models, keep each (fold{k}.safetensors), write the OOF logits (train.parquet last:
+    it marks the cache complete); returns the fold models, in fold order."""
     tail, pool, n_feat = tail_pool
     y = train[[f"y_{c}" for c in classes]].to_numpy(np.float32)
     assert list(train[ID]) == list(tables["train"][ID]), "train rows and trunk cache rows differ"
     t0 = time.time()
-    oof, test_logits, extra = cross_fit(tail, pool, n_feat, acts["train"], y, train["fold"].to_numpy(),
-                                        acts.get("test"), ft, device, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    models: list = []
+
+    def keep(k: int, model: nn.Module) -> None:
+        save_tail_head(model, folder / A.finetune_fold_file(k))
+        models.append(model)
+    oof, _, extra = cross_fit(tail, pool, n_feat, acts["train"], y, train["fold"].to_numpy(), None, ft, device,
+                              name, on_fold=keep)
     f1, _ = f1_scores(y, oof, "multiclass")
     cols = [f"logit_{name}_{c}" for c in classes]
     meta = {"name": name, "encoder": enc["name"], "cut": enc["cut"], "finetune": vars(ft), "classes": classes,
             "oof_macro_f1_argmax": round(float(f1), 4), "seconds": round(time.time() - t0, 1), **extra}
-    if test_logits is not None:
-        write_parquet(prediction_table(tables["test"][ID], test_logits, cols), folder / A.cache_file("test"))
-        write_json({**meta, "split": "test", "source": "mean of the fold models"}, folder / A.cache_file("test", "json"))
     write_json({**meta, "split": "train", "source": "own-fold OOF logits"}, folder / A.cache_file("train", "json"))
     write_parquet(prediction_table(train[ID], oof, cols), folder / A.cache_file("train"))  # last: marks complete
     log.info("%s: cached-trunk fine-tune, OOF macro F1 (argmax) %.4f in %.0fs", name, f1, time.time() - t0)
+    return models
 
 
 def _workers(cfg: dict) -> int:
@@ -258,13 +323,17 @@ def run(cfg: dict) -> None:
         tables["test"] = test[[ID] + [f"path_{m}" for m in info["modalities"]]]
     out = A.features_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if test is None:   # no test split now: a test table of an earlier run must not be read as this one's
+        for f in [*out.glob(A.features_file("*", "test")), *out.glob(A.features_file("*", "test", "json"))]:
+            f.unlink()
+    rows = Rows(cfg, info, tables, train) if cfg["features"]["encoders"] else None
     parts: dict[str, float] = {}  # wall seconds of this run per encoder / fine-tune (the report's sub-rows)
     for enc in cfg["features"]["encoders"]:
         t_enc = time.time()
         if enc["cut"]:
-            paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables, frozen)
+            paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables, frozen, rows)
         else:
-            paths = extract_encoder(cfg, enc, info, tables, frozen)
+            paths = extract_encoder(cfg, enc, info, tables, frozen, rows)
         for split, src in paths.items():
             _link(src, out / A.features_file(enc["name"], split))
             shutil.copyfile(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
@@ -272,7 +341,7 @@ def run(cfg: dict) -> None:
         if enc["finetune"]:
             t_ft = time.time()
             finetune_encoder(cfg, enc, info, tables, train[[ID, "fold", *[f"y_{c}" for c in info["classes"]]]],
-                             out, acts, tail_pool, frozen)
+                             out, acts, tail_pool, frozen, rows)
             parts[f"ft_{enc['name']} fine-tune"] = round(time.time() - t_ft, 1)
     if cfg["features"]["from_exps"]:
         for e in cfg["features"]["from_exps"]:

@@ -1,4 +1,6 @@
-"""Stage 02: train the selected folds of an image model, then write the experiment's tables."""
+"""Stage 02: train the selected folds of an image model, then write the experiment's tables. A fold
+already trained with this config is not trained again; when the test rows changed since (another
+test release: `rows_key_of_test`), only its test logits are recomputed from its model.pt."""
 from __future__ import annotations
 
 import logging
@@ -10,14 +12,14 @@ import torch
 
 from lib.core import artifacts as A
 from lib.core.artifacts import exp_dir, fold_dir, save_config
-from lib.core.errors import PipelineError
+from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import ID, assert_same_ids, read_json, write_json, write_parquet
 from lib.core.runtime import torch_device
 from lib.data.dataset import load_dataset
 from lib.evaluation.report import cv_summary, log_cv
 from lib.training import distributed as D
-from lib.training.fold import train_fold
-from lib.training.inference import prediction_table, probabilities
+from lib.training.fold import refresh_test_logits, train_fold
+from lib.training.inference import fold_test_current, prediction_table, probabilities, rows_key_of_test
 from lib.vision.onnx_trunk import resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,11 @@ def fold_done(cfg: dict, k: int) -> bool:
             and (fold_dir(cfg, k) / A.OOF).exists())
 
 
-def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None) -> dict | None:
+def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
+              test_rows: str | None = None) -> dict | None:
     """Write `<exp>/oof.parquet`, `test.parquet` (probabilities), cv.json and manifest.json once every
-    fold is done (the manifest's wall seconds: the folds' training seconds + this aggregation)."""
+    fold is done (the manifest's wall seconds: the folds' training seconds + this aggregation). Every
+    fold's test logits must be for exactly these test rows (`test_rows`, computed when None)."""
 
     t0 = time.time()
     folds = sorted(int(f) for f in train["fold"].unique())
@@ -41,6 +45,7 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
         log.info("folds %s not done yet: experiment tables not written", missing)
         return None
     classes, task = list(info["classes"]), info.get("task", "multiclass")
+    test_rows = test_rows or rows_key_of_test(cfg, info, test)
     parts, tests, sums = [], [], []
     for k in folds:
         o = pd.read_parquet(fold_dir(cfg, k) / A.OOF)
@@ -48,6 +53,9 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
         parts.append(o)
         sums.append(read_json(fold_dir(cfg, k) / A.FOLD_SUMMARY_JSON))
         if test is not None:
+            if not fold_test_current(fold_dir(cfg, k), test_rows):
+                raise MissingArtifactError(f"{fold_dir(cfg, k) / A.FOLD_TEST_LOGITS}: not made for this prep folder's "
+                                           "test rows (another test release, or missing): rerun 02_train_fold.py")
             t = pd.read_parquet(fold_dir(cfg, k) / A.FOLD_TEST_LOGITS)
             assert_same_ids(t, test, f"fold {k} test logits vs test", ordered=True)
             tests.append(probabilities(t[classes].to_numpy(), task))
@@ -58,6 +66,8 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
     write_parquet(oof_p, root / A.OOF)
     if test is not None:
         write_parquet(prediction_table(test[ID], np.mean(tests, 0), classes), root / A.TEST)
+    else:   # no test split now: an earlier run's test table must not be read as this one's
+        (root / A.TEST).unlink(missing_ok=True)
     es_used = any(s["early_stopping_used"] for s in sums)
     training = {"model": cfg["train"]["model"]["kind"], "fusion": cfg["train"]["model"]["fusion"],
                 "epochs": cfg["train"]["epochs"], "img_size": cfg["train"]["img_size"],
@@ -71,7 +81,8 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
     save_config(cfg, root)
     wall = sum(float(s["seconds"]) for s in sums) + time.time() - t0
     A.write_manifest(cfg, root, "train", [A.input_record(cfg, A.prep_dir(cfg), "prep")], wall,
-                     extra={"wall_seconds_note": "sum of the folds' training seconds + aggregation"})
+                     extra={"wall_seconds_note": "sum of the folds' training seconds + aggregation",
+                            "test_rows": test_rows})
     log_cv(str(cfg["exp"]), cv)
     return cv
 
@@ -97,16 +108,22 @@ def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: in
     resolve_runtime(cfg["features"]["runtime"], device)   # the finished folds' OOF/test engine: bad value -> stop now
     info, train, test = load_dataset(cfg)
     ks = selected_folds(cfg, train, fold)
+    test_rows = rows_key_of_test(cfg, info, test)
     d = D.setup(device)
     try:
         for k in ks:
-            if fold_done(cfg, k):
+            if not fold_done(cfg, k):
+                if train_fold(cfg, info, train, test, k, resume=resume, d=d, stop_after=stop_after,
+                              test_rows=test_rows) is None:
+                    return
+            elif test_rows is not None and not fold_test_current(fold_dir(cfg, k), test_rows):
+                log.info("fold %d already trained with this config (%s): test logits of these test rows from its "
+                         "model.pt", k, fold_dir(cfg, k))
+                refresh_test_logits(cfg, info, train, test, k, test_rows, d)
+            else:
                 log.info("fold %d already done with this config (%s): skipped", k, fold_dir(cfg, k))
-                continue
-            if train_fold(cfg, info, train, test, k, resume=resume, d=d, stop_after=stop_after) is None:
-                return
         if d.main:
-            aggregate(cfg, info, train, test)
+            aggregate(cfg, info, train, test, test_rows)
             save_config(cfg, exp_dir(cfg))
     finally:
         D.cleanup(d)

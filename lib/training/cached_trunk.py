@@ -6,6 +6,10 @@ predicts fold k (its out-of-fold logits) and the test lesions (mean over the fol
 Each step draws one cached view per lesion and modality (the dihedral views act as augmentation);
 prediction averages the logits over the views. Loss: class-weighted cross-entropy, weights
 (1 / frequency) ** `class_weight_power` on the fold's training rows. AdamW, cosine schedule.
+
+Each fold's fitted tail + head is kept as a safetensors state dict (`save_tail_head`, no pickle), so
+a new test release is scored by the same fold models (`load_tail_head`, `test_logits`) without
+training them again.
 """
 from __future__ import annotations
 
@@ -13,24 +17,30 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from lib.core.errors import PipelineError
+from lib.core.io import atomic_path
 from lib.core.progress import progress
 from lib.training.losses import class_weights, cross_entropy
 
 log = logging.getLogger(__name__)
 
-FINETUNE_FORMAT_VERSION = 1   # in the fine-tune cache key; bump when its logits change meaning
+FINETUNE_FORMAT_VERSION = 2   # in the fine-tune cache key; bump when its logits change meaning (2: fold states kept)
 
 
-def finetune_key_parts(trunk_key: str, ft: "FineTune", folds_sha1: str, classes: list[str], has_test: bool) -> dict:
-    """Everything the fine-tuned logits depend on (their cache key is a hash of this)."""
+def finetune_key_parts(trunk_key: str, ft: "FineTune", folds_sha1: str, classes: list[str], train_rows: str) -> dict:
+    """Everything the fold models and their OOF logits depend on (their cache key is a hash of this):
+    `train_rows` is the fingerprint of the training rows (ids, images, labels). The test rows are not
+    in it: test logits are cached per test fingerprint beside the fold models."""
     return {"trunk": trunk_key, "finetune": vars(ft), "folds": folds_sha1, "classes": list(classes),
-            "test": bool(has_test), "format": FINETUNE_FORMAT_VERSION}
+            "train_rows": str(train_rows), "format": FINETUNE_FORMAT_VERSION}
 
 
 @dataclass
@@ -119,9 +129,11 @@ def predict(model: TailHead, acts: list[np.ndarray], rows: np.ndarray, device: s
 
 def cross_fit(tail: nn.Module, pool: nn.Module, n_features: int, acts: list[np.ndarray], y: np.ndarray,
               folds: np.ndarray, test_acts: list[np.ndarray] | None, ft: FineTune, device: str,
-              name: str = "tail") -> tuple[np.ndarray, np.ndarray | None, dict]:
+              name: str = "tail", on_fold: Callable[[int, TailHead], None] | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Out-of-fold logits `[N, K]` (row i from the model of its own fold, which never trained on the
-    rows of that fold), test logits (mean of the fold models) and per-fold seconds."""
+    rows of that fold), test logits (mean of the fold models) and per-fold seconds. `on_fold(k, model)`
+    is called with each fitted fold model (to keep it: `save_tail_head`)."""
     oof = np.zeros(y.shape, np.float32)
     tests, secs = [], []
     for k in sorted(int(f) for f in np.unique(folds)):
@@ -129,9 +141,43 @@ def cross_fit(tail: nn.Module, pool: nn.Module, n_features: int, acts: list[np.n
         train_rows, valid_rows = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         model = fit_fold(tail, pool, n_features, acts, y, train_rows, ft, device, f"{name} fold {k}")
         oof[valid_rows] = predict(model, acts, valid_rows, device)
+        if on_fold is not None:
+            on_fold(k, model)
         if test_acts is not None:
             tests.append(predict(model, test_acts, np.arange(len(test_acts[0])), device))
         secs.append(round(time.time() - t0, 1))
         log.info("%s fold %d: trained on %d lesions, predicted %d in %.0fs", name, k, len(train_rows),
                  len(valid_rows), secs[-1])
     return oof, (np.mean(tests, 0) if tests else None), {"fold_seconds": secs}
+
+
+def mean_test_logits(models: list[TailHead], test_acts: list[np.ndarray], device: str) -> np.ndarray:
+    """Test logits `[N, K]`: the mean over the fold models (in fold order) of their view-averaged logits."""
+    rows = np.arange(len(test_acts[0]))
+    return np.mean([predict(m, test_acts, rows, device) for m in models], 0)
+
+
+def save_tail_head(model: TailHead, path: Path) -> None:
+    """A fitted fold model's state dict (tail, pool, head) as safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_tail_head(path: Path, tail: nn.Module, pool: nn.Module, n_features: int, n_modalities: int,
+                   n_classes: int, dropout: float, device: str) -> TailHead:
+    """A fold model saved by `save_tail_head`: a copy of `tail` + a head, with the saved state (all of
+    it: a missing or extra tensor is refused), in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = TailHead(copy.deepcopy(tail), pool, n_features, n_modalities, n_classes, dropout)
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise PipelineError(f"{path}: not a readable fine-tuned fold model ({str(e).splitlines()[0]}): "
+                            f"delete {path.parent} to fine-tune again") from None
+    return model.to(device).eval()

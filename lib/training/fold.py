@@ -35,7 +35,9 @@ is the orchestrator of these parts.
 Artifacts in `<output>/<exp>/fold{k}/`: checkpoint.pt (every epoch, atomic, `format_version`
 CHECKPOINT_VERSION + config fingerprint, see lib/training/checkpoint.py; deleted at the end unless
 `keep_checkpoint`), history.csv, oof.parquet (lesion_id + one logit column per class, the fold's
-rows), test_logits.parquet, model.pt (`format_version`, the OOF weights + what is needed to rebuild
+rows), test_logits.parquet + test_logits.json (the fingerprint of the test rows they are for: a
+finished fold meeting another test release recomputes them from model.pt, `refresh_test_logits`),
+model.pt (`format_version`, the OOF weights + what is needed to rebuild
 the model, and `spec`: the encoder's full preprocessing spec at `train.img_size`, JSON-able),
 config.yaml, summary.json (marks the fold done). When every fold is done: `<output>/<exp>/oof.parquet`
 and `test.parquet` (probabilities: softmax, or sigmoid for multilabel / binary, of the TTA-averaged logits;
@@ -58,7 +60,6 @@ from torch import nn
 from lib.config.schema import BN_MODES
 from lib.core.artifacts import (
     FOLD_SUMMARY_JSON,
-    FOLD_TEST_LOGITS,
     HISTORY,
     MODEL,
     OOF,
@@ -80,7 +81,7 @@ from lib.training.data import (
     model_modalities,
     resolve_workers,
 )
-from lib.training.inference import f1_scores, prediction_table
+from lib.training.inference import f1_scores, prediction_table, rows_key_of_test, write_fold_test_logits
 from lib.training.loop import (
     FoldRun,
     module_state,
@@ -278,10 +279,10 @@ def save_fold_model(run: FoldRun, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def finalize_fold(run: FoldRun, ckpt: Checkpointer | None = None) -> dict[str, Any]:
+def finalize_fold(run: FoldRun, ckpt: Checkpointer | None = None, test_rows: str | None = None) -> dict[str, Any]:
     """OOF / test logits with the final weights (best epoch under early stopping, else last or EMA);
-    rank 0 writes oof.parquet, test_logits.parquet, model.pt, summary.json and deletes the checkpoint
-    (unless `keep_checkpoint`). Returns the summary."""
+    rank 0 writes oof.parquet, test_logits.parquet (+ .json: `test_rows`, the test rows' fingerprint),
+    model.pt, summary.json and deletes the checkpoint (unless `keep_checkpoint`). Returns the summary."""
     if run.tcfg["early_stopping"]["enabled"] and run.best is not None:
         run.eval_model.load_state_dict(run.best["state"])
         val_logits, used = run.best["val_logits"], f"best epoch {run.best['epoch']} (early stopping)"
@@ -296,7 +297,7 @@ def finalize_fold(run: FoldRun, ckpt: Checkpointer | None = None) -> dict[str, A
     if run.d.main:
         write_parquet(prediction_table(run.va[ID], val_logits, run.classes), run.out / OOF)
         if test_logits is not None:
-            write_parquet(prediction_table(run.test[ID], test_logits, run.classes), run.out / FOLD_TEST_LOGITS)
+            write_fold_test_logits(run.out, run.test[ID], test_logits, run.classes, test_rows)
         save_fold_model(run, run.out / MODEL)
         write_json(summary, run.out / FOLD_SUMMARY_JSON)
         if not run.tcfg["keep_checkpoint"]:
@@ -308,9 +309,12 @@ def finalize_fold(run: FoldRun, ckpt: Checkpointer | None = None) -> dict[str, A
 
 
 def train_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None, k: int,
-               resume: bool = False, d: D.Dist | None = None, stop_after: int | None = None) -> dict | None:
+               resume: bool = False, d: D.Dist | None = None, stop_after: int | None = None,
+               test_rows: str | None = None) -> dict | None:
     """Train fold k; write its artifacts (rank 0). Returns its summary, or None when stopped early
-    by `stop_after` (epochs completed in this call's run, for time-boxed runs and tests)."""
+    by `stop_after` (epochs completed in this call's run, for time-boxed runs and tests). `test_rows`:
+    the test rows' fingerprint (`rows_key_of_test`; computed when None)."""
+    test_rows = test_rows or rows_key_of_test(cfg, info, test)
     run = build_fold(cfg, info, train, test, k, d)
     ckpt = Checkpointer.of(run)
     start_fold(run, ckpt, resume)
@@ -332,4 +336,28 @@ def train_fold(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | 
         if stop_after is not None and epoch + 1 - start >= stop_after and epoch + 1 < run.epochs:
             log.info("fold %d: stopping after epoch %d as asked (--stop-after); resume with --resume", k, epoch + 1)
             return None
-    return finalize_fold(run, ckpt)
+    return finalize_fold(run, ckpt, test_rows)
+
+
+def refresh_test_logits(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame, k: int, test_rows: str,
+                        d: D.Dist | None = None) -> np.ndarray:
+    """A finished fold meeting other test rows (a new test release): its test logits from its saved
+    model.pt, through the fold's own inference setup (`build_fold`: preprocessing, TTA views, batch,
+    AMP, channels_last), so they equal what training on these test rows would have written. Rank 0
+    writes test_logits.parquet + .json; nothing of the train side is touched."""
+    run = build_fold(cfg, info, train, test, k, d)
+    path = run.out / MODEL
+    if not path.exists():
+        raise PipelineError(f"{path} not found: fold {k} is marked done but has no model; delete "
+                            f"{run.out / FOLD_SUMMARY_JSON} and rerun 02_train_fold.py to train it again")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if obj.get("format_version") != CHECKPOINT_VERSION or obj.get("fingerprint") != run.fingerprint:
+        raise PipelineError(f"{path} was written by another config or format (fingerprint {obj.get('fingerprint')}, "
+                            f"format {obj.get('format_version')}): rerun 02_train_fold.py without it")
+    run.eval_model.load_state_dict(obj["state_dict"])
+    logits = predict(run, run.ds_te, f"fold {k} test")
+    if run.d.main:
+        write_fold_test_logits(run.out, test[ID], logits, run.classes, test_rows)
+        log.info("fold %d: test logits of %d lesions (another test release) from %s", k, len(logits), path)
+    D.barrier(run.d)
+    return logits

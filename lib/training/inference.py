@@ -17,12 +17,21 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lib.core.artifacts import CHECKPOINT_VERSION, FOLD_ONNX, FOLD_TEST_LOGITS, OOF, features_file, fold_dir
+from lib.core.artifacts import (
+    CHECKPOINT_VERSION,
+    FOLD_ONNX,
+    FOLD_TEST_LOGITS,
+    FOLD_TEST_ROWS,
+    OOF,
+    features_file,
+    fold_dir,
+)
 from lib.core.errors import MissingArtifactError, PipelineError
-from lib.core.io import ID, assert_same_ids, write_json, write_parquet
+from lib.core.io import ID, assert_same_ids, read_json, write_json, write_parquet
 from lib.core.progress import progress
 from lib.core.runtime import cpu_count
 from lib.core.scoring import dice_per_class
+from lib.data.dataset import model_inputs, table_fingerprint
 from lib.training import distributed as D
 from lib.training.data import (
     LesionDataset,
@@ -163,6 +172,29 @@ def prediction_table(ids, values: np.ndarray, cols: list[str]) -> pd.DataFrame:
                       pd.DataFrame(np.asarray(values, np.float64), columns=cols)], axis=1)
 
 
+def rows_key_of_test(cfg: dict, info: dict, test: pd.DataFrame | None) -> str | None:
+    """The key of a fold model's test logits: the test rows' ids, image contents (every modality) and
+    the other inputs a model reads (`meta_*`, `monet_*`); None without test rows."""
+    return None if test is None or len(test) == 0 else table_fingerprint(cfg, info, test, model_inputs(test))
+
+
+def write_fold_test_logits(folder: Path, ids, logits: np.ndarray, classes: list[str], rows: str) -> None:
+    """`fold{k}/test_logits.parquet` + its sidecar naming the test rows they are for (`rows`): the
+    sidecar is removed first and written last, so it never vouches for logits of other rows."""
+    folder = Path(folder)
+    (folder / FOLD_TEST_ROWS).unlink(missing_ok=True)
+    write_parquet(prediction_table(ids, logits, classes), folder / FOLD_TEST_LOGITS)
+    write_json({"rows": rows, "n": int(len(logits))}, folder / FOLD_TEST_ROWS)
+
+
+def fold_test_current(folder: Path, rows: str | None) -> bool:
+    """Whether `folder` (a fold{k}/) holds test logits of exactly the test rows `rows` (a fingerprint)."""
+    folder = Path(folder)
+    side = folder / FOLD_TEST_ROWS
+    return (rows is not None and (folder / FOLD_TEST_LOGITS).exists() and side.exists()
+            and read_json(side).get("rows") == rows)
+
+
 def load_fold_model(path: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """A fold's model.pt -> (eval model, its saved dict with `spec` completed by `saved_spec`)."""
     if not path.exists():
@@ -192,14 +224,16 @@ def fold_logit_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, te
     so a stacker would see train rows in four bases and test rows in the mean of five.) A train
     lesion's logits come from the model of its own fold, which never trained on it (the fold's
     TTA-averaged OOF logits, `fold{k}/oof.parquet`); test logits are the mean over the fold models
-    (`fold{k}/test_logits.parquet`). Writes `<out_dir>/<exp>_{train,test}.parquet` (lesion_id +
+    (`fold{k}/test_logits.parquet`, refused unless made for exactly these test rows: `rows_key_of_test`).
+    Writes `<out_dir>/<exp>_{train,test}.parquet` (lesion_id +
     `logit_<exp>_<class>`) and a json sidecar each."""
     out_dir, classes = Path(out_dir), list(info["classes"])
     folds = sorted(int(f) for f in train["fold"].unique())
     cols = [f"logit_{exp}_{c}" for c in classes]
     parts, tests = [], []
+    rows = rows_key_of_test(cfg, info, test)
     for k in folds:
-        oof, te = _fold_logits(cfg, exp, k, train[train["fold"] == k], test, classes)
+        oof, te = _fold_logits(cfg, exp, k, train[train["fold"] == k], test, classes, rows)
         parts.append(oof)
         if te is not None:
             tests.append(te[classes].to_numpy(np.float64))
@@ -220,7 +254,7 @@ def fold_logit_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, te
 
 
 def _fold_logits(cfg: dict, exp: str, k: int, rows: pd.DataFrame, test: pd.DataFrame | None,
-                 classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+                 classes: list[str], test_rows: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Fold k's OOF logits (exactly this data's fold-k rows: the model never trained on them) and test logits."""
     folder = fold_dir(cfg, k, exp)
     if not (folder / OOF).exists():
@@ -234,6 +268,10 @@ def _fold_logits(cfg: dict, exp: str, k: int, rows: pd.DataFrame, test: pd.DataF
                                    "(different prep/folds): its outputs would leak; retrain it on these folds")
     te = None
     if test is not None and len(test):
+        if not fold_test_current(folder, test_rows):
+            raise MissingArtifactError(f"{folder / FOLD_TEST_LOGITS}: not made for this prep folder's test rows (another "
+                                       f"test release, or missing): rerun 02_train_fold.py for {exp} (finished folds "
+                                       "only recompute their test logits)")
         te = pd.read_parquet(folder / FOLD_TEST_LOGITS)
         assert_same_ids(te, test, f"{exp} fold {k} test logits vs test", ordered=True)
     return oof, te

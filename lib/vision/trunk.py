@@ -14,7 +14,11 @@ encoder arch, weights and their identity (sha256, hub flag, package versions), t
 spec (size, resize mode, interpolation, mean/std, the image cache tag), the views, the cut and
 `TRUNK_FORMAT_VERSION` (not `keep_views`: it changes how embeddings are pooled, not the
 activations); it holds float16 `[N, V, C, H, W]` per split and modality, written through a memory
-map into a temp file and moved into place when complete. The trunk may be the PyTorch module or its
+map into a temp file and moved into place when complete. Its json sidecar names the rows it holds:
+the image paths and their fingerprint (ids + image contents, `lib.data.dataset.table_fingerprint`),
+so the activations of another test release (same ids, another image) are never reused; the sidecar
+is removed before the .npy is replaced and written after it, so a kill in between leaves no
+sidecar that vouches for the wrong activations. The trunk may be the PyTorch module or its
 ONNX Runtime twin (`lib.vision.onnx_trunk`): both take and give tensors.
 """
 from __future__ import annotations
@@ -88,20 +92,26 @@ def trunk_key(enc_spec: dict, cut: str) -> str:
     return spec_key({**spec, "trunk_cut": cut, "trunk_format": TRUNK_FORMAT_VERSION})
 
 
-def trunk_cached(paths: list[str], out: Path) -> bool:
-    """Whether `out` holds the activations of exactly these images (in this order)."""
+def trunk_cached(paths: list[str], out: Path, rows: str) -> bool:
+    """Whether `out` holds the activations of exactly these images (in this order) with these contents
+    (`rows`: the fingerprint of the rows, ids + image bytes)."""
     meta = out.with_suffix(".json")
-    return out.exists() and meta.exists() and json.loads(meta.read_text()).get("paths") == list(paths)
+    if not (out.exists() and meta.exists()):
+        return False
+    m = json.loads(meta.read_text())
+    return m.get("paths") == list(paths) and m.get("rows") == rows
 
 
 @torch.no_grad()
 def trunk_activations(trunk: Callable[[torch.Tensor], torch.Tensor], paths: list[str], spec: dict, device: str,
-                      batch_size: int, workers: int, desc: str, out: Path) -> np.ndarray:
+                      batch_size: int, workers: int, desc: str, out: Path, rows: str) -> np.ndarray:
     """`[N, V, C, H, W]` float16 activations at the cut for each image and view of `spec["views"]`,
-    cached at `out` (.npy + .json sidecar with the paths); returns a read-only memory map."""
-    if trunk_cached(paths, out):
+    cached at `out` (.npy + .json sidecar with the paths and `rows`, their fingerprint); returns a
+    read-only memory map."""
+    if trunk_cached(paths, out, rows):
         return np.load(out, mmap_mode="r")
     meta = out.with_suffix(".json")
+    meta.unlink(missing_ok=True)   # from here on the old sidecar may no longer vouch for out
     views = spec["views"]
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npy", dir=out.parent)
@@ -127,7 +137,7 @@ def trunk_activations(trunk: Callable[[torch.Tensor], torch.Tensor], paths: list
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    write_json({"paths": list(paths), "views": views, "seconds": round(time.time() - t0, 1)}, meta)
+    write_json({"paths": list(paths), "rows": rows, "views": views, "seconds": round(time.time() - t0, 1)}, meta)
     return np.load(out, mmap_mode="r")
 
 

@@ -35,6 +35,9 @@ def test_names_and_folders(tmp_path: Path) -> None:
     assert A.head_file("oof", "xgb") == "oof_xgb.parquet" and A.fold_name(3) == "fold3"
     assert A.cache_file("train") == "train.parquet" and A.cache_file("test", "json") == "test.json"
     assert A.trunk_file("test", "clinical") == "test_clinical.npy"
+    assert A.rows_file("test", "0123456789abcdef" * 2) == "test-0123456789abcdef.parquet"
+    assert A.rows_file("train", "ab" * 20, "json") == f"train-{'ab' * 8}.json"
+    assert A.finetune_fold_file(2) == "fold2.safetensors" and A.FOLD_TEST_ROWS == "test_logits.json"
     assert (A.CHECKPOINT, A.MODEL, A.FOLD_SUMMARY_JSON, A.HISTORY) == ("checkpoint.pt", "model.pt", "summary.json",
                                                                        "history.csv")
     assert A.exp_folder(cfg) == A.exp_dir(cfg) == tmp_path / "e1"
@@ -100,6 +103,8 @@ def test_manifest_content(tmp_path: Path) -> None:
     assert m["folds_sha1"] == A.file_sha1(A.prep_dir(cfg) / A.FOLDS) and len(m["folds_sha1"]) == 40
     assert m["wall_seconds"] == 5.0 and datetime.fromisoformat(m["created_utc"]).utcoffset().total_seconds() == 0
     assert m["versions"]["python"].count(".") == 2 and m["versions"]["lib"]
+    assert {"numpy", "pandas", "xgboost", "lightgbm", "timm", "onnxruntime"} <= set(m["versions"])
+    assert {"device", "threads", "cpu_capability", "cpu", "machine", "platform"} <= set(m["determinism"])
     with pytest.raises(ValueError):
         A.write_manifest(cfg, A.exp_dir(cfg), "nope", [], 1.0)
     assert A.input_record(cfg, tmp_path / "nothing", "member")["fingerprint"] is None
@@ -160,3 +165,20 @@ def test_cv_document_common_keys() -> None:
     assert doc["schema_version"] == A.CV_SCHEMA_VERSION and doc["n"] == 3 and doc["stack"] == {"blocks": {}}
     with pytest.raises(ValueError, match="clash"):
         A.cv_document("stack", "e", "multiclass", {"n": 3}, n=4)
+
+
+def test_determinism_record_reads_torch_only_when_it_is_loaded(monkeypatch) -> None:
+    """The manifest's determinism block: device, threads and CPU capability from torch when a stage
+    has loaded it; lib.core never imports torch for it (null fields instead)."""
+    import sys
+
+    import torch
+
+    d = A.determinism({"device": "auto"})
+    assert d["device"] in ("cpu", "cuda") and d["threads"] == torch.get_num_threads()
+    assert d["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and d["cpu"]
+    monkeypatch.delitem(sys.modules, "torch")
+    d = A.determinism({"device": "auto"})
+    assert (d["device"], d["threads"], d["cpu_capability"]) == ("auto", None, None)
+    assert "torch" not in sys.modules
+    assert A.versions()["torch"].split("+")[0] == torch.__version__.split("+")[0]   # read from its metadata

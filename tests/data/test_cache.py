@@ -191,3 +191,19 @@ def test_build_cache_mode_none_is_a_no_op(tmp_path):
     jobs = jobs_for(tmp_path, n=2)
     cache.build_cache(jobs, cfg(mode="none"), workers=1)
     assert not (tmp_path / "cache").exists()
+
+
+def test_image_sha1_hashes_the_bytes_behind_every_kind_of_reference(tmp_path):
+    import hashlib
+
+    import h5py
+
+    a, b = write_jpeg(tmp_path / "a.jpg", seed=1), write_jpeg(tmp_path / "b.jpg", seed=2)
+    assert cache.image_sha1(a) == hashlib.sha1(a.read_bytes()).hexdigest() != cache.image_sha1(b)
+    tiled = cache.image_sha1(f"{a}{cache.VIEW_SEP}{b}")
+    assert tiled != cache.image_sha1(f"{b}{cache.VIEW_SEP}{a}") and len(tiled) == 40
+    with h5py.File(tmp_path / "imgs.hdf5", "w") as f:
+        f["x"] = np.frombuffer(a.read_bytes(), dtype=np.uint8)
+    assert cache.image_sha1(f"{tmp_path / 'imgs.hdf5'}{cache.HDF5_SEP}x") == cache.image_sha1(a)
+    with pytest.raises(PipelineError, match="image not found"):
+        cache.image_sha1(tmp_path / "missing.jpg")

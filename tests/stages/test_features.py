@@ -4,26 +4,29 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from lib.config.load import load_config
 from lib.config.schema import ENCODER_ITEM
 from lib.core import artifacts
+from lib.core import artifacts as A
 from lib.core.errors import ConfigError, PipelineError
 from lib.core.io import read_json
 from lib.data import dataset
 from lib.stages import features, prepare
 from lib.tabular.patient import patient_relative
 from lib.vision import embed
+from tests.helpers import other_test_release
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"name": "tiny", "arch": "test_efficientnet", "weights": None, "size": 64}
 
 
-def _cfg(out: Path, exp: str = "f1", **kw: object) -> dict:
+def _cfg(out: Path, exp: str = "f1", *extra: str, **kw: object) -> dict:
     ov = [f"paths.output={out}", f"data.root={ROOT / 'input/milk10k_sample'}", "cache.size=96",
-          f"exp={exp}", "features.batch_size=16", "features.workers=0", "threads=2"]
+          f"exp={exp}", "features.batch_size=16", "features.workers=0", "threads=2", *extra]
     cfg = load_config(None, ov)
     cfg["features"]["encoders"] = [{**ENCODER_ITEM, **TINY, **kw}]
     return cfg
@@ -57,7 +60,7 @@ def test_extract_writes_id_keyed_tables(prepared: Path) -> None:
 
 def test_second_experiment_reuses_cached_embeddings(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
     features.run(_cfg(prepared, "f1"))
-    src = next((prepared / "prep").rglob("features/tiny-*/train.parquet"))
+    src = next((prepared / "prep").rglob("features/tiny-*/train-*.parquet"))
     mtime = src.stat().st_mtime_ns
     with caplog.at_level(logging.INFO):
         features.run(_cfg(prepared, "f2"))
@@ -86,7 +89,6 @@ def test_tta_mean_equals_mean_of_views(prepared: Path) -> None:
 
     cfg = _cfg(prepared)
     info, train, _ = dataset.load_dataset(cfg)
-    torch.manual_seed(0)
     model = backbones.build_backbone("test_efficientnet", None).eval()
     spec = {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
     paths = [str(prepared / "prep/milk10k_sample" / p) for p in train["path_dermoscopic"][:5]]
@@ -166,7 +168,10 @@ def test_cut_encoder_fine_tunes_on_its_trunk_cache(prepared: Path, caplog: pytes
     assert "logit_ft_tiny" in blocks and len(blocks["logit_ft_tiny"]) == len(info["classes"])
     with caplog.at_level(logging.INFO):
         features.run(cfg)
-    assert "cached fine-tuned logits reused" in caplog.text and "cached embeddings reused" in caplog.text
+    assert "cached fine-tuned fold models and OOF logits reused" in caplog.text
+    assert "cached test logits of these test rows reused" in caplog.text and "cached embeddings reused" in caplog.text
+    ft_cache = next((prepared / "prep").rglob("features/ft_tiny-*"))
+    assert sorted(p.name for p in ft_cache.glob("*.safetensors")) == [f"fold{k}.safetensors" for k in range(5)]
 
 
 def test_encoder_finetune_with_overrides_the_shared_settings(prepared: Path) -> None:
@@ -258,3 +263,64 @@ def test_workers_minus_one_counts_the_cores_this_process_may_use(monkeypatch) ->
     monkeypatch.setattr(features, "cpu_count", lambda: 5)
     assert features._workers({"features": {"workers": -1}}) == 4
     assert features._workers({"features": {"workers": 0}}) == 0
+
+
+def _outputs(out: Path, exp: str) -> dict[str, pd.DataFrame]:
+    f = out / exp / "features"
+    return {f"{n}_{s}": pd.read_parquet(f / f"{n}_{s}.parquet") for n in ("tiny", "ft_tiny") for s in ("train", "test")}
+
+
+def test_another_test_release_recomputes_only_the_test_side(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second test release on the same prep folder (the same lesions, one image replaced under the same
+    id: what an id check alone misses): every train-side cache (embeddings, trunk activations, fine-tuned fold models and OOF logits)
+    is reused untouched; the test side is recomputed and equals a from-scratch run on that release.
+    (The tiny encoder has random weights: drawn from the config's seed, in every run alike.)"""
+    enc = {"cut": "conv_head", "finetune": True}
+    a, scratch = tmp_path / "a", tmp_path / "scratch"
+    cfg = _cfg(a, "rel", "features.finetune.epochs=1", **enc)
+    prepare.run(cfg)
+    features.run(cfg)
+    first = _outputs(a, "rel")
+    caches = [p for p in (a / "prep").rglob("*") if p.is_file() and p.parent.parent.name in (A.FEATURES, A.TRUNKS)]
+    train_side = {p: p.stat().st_mtime_ns for p in caches if p.name.startswith(("train", "fold"))}
+    assert len(train_side) == 2 + 2 * 2 + 2 + 5   # embeddings, trunks (2 modalities), ft OOF, 5 fold models
+    # made after the first run, as a new release is (01's image cache redoes a source newer than its copy)
+    release, changed = other_test_release(tmp_path / "release_b", drop=0)
+
+    cfg_b = _cfg(a, "rel", "features.finetune.epochs=1", f"data.test_root={release}", **enc)
+    prepare.run(cfg_b)
+    with caplog.at_level(logging.INFO):
+        features.run(cfg_b)
+    assert {p: p.stat().st_mtime_ns for p in train_side} == train_side
+    assert "tiny/train: cached embeddings reused" in caplog.text and "tiny/test: cached embeddings reused" not in caplog.text
+    assert "cached fine-tuned fold models and OOF logits reused" in caplog.text
+    again = _outputs(a, "rel")
+    _, _, test_b = dataset.load_dataset(cfg_b)
+    assert list(again["tiny_test"]["lesion_id"]) == list(test_b["lesion_id"]) == list(again["ft_tiny_test"]["lesion_id"])
+    row = lambda df: df.set_index("lesion_id").loc[changed].to_numpy()   # noqa: E731
+    assert not np.allclose(row(first["tiny_test"]), row(again["tiny_test"]), atol=1e-3)   # its new image was used
+
+    cfg_s = _cfg(scratch, "rel", "features.finetune.epochs=1", f"data.test_root={release}", **enc)
+    prepare.run(cfg_s)
+    features.run(cfg_s)
+    fresh = _outputs(scratch, "rel")
+    for name, df in fresh.items():
+        pd.testing.assert_frame_equal(again[name], df, check_exact=False, atol=1e-6, rtol=0, obj=name)
+
+
+def test_an_encoder_without_weights_is_the_same_in_every_run_and_keyed_by_its_seed(prepared: Path) -> None:
+    """Random weights (`weights: null`) are drawn from the config's seed, so two runs embed alike and a
+    cache made with another seed is not reused (its key holds the seed)."""
+    import torch
+
+    _fresh(prepared)
+    torch.manual_seed(123)   # whatever the global RNG holds
+    features.run(_cfg(prepared, "seed_a"))
+    _fresh(prepared)         # computed again, not read from the cache
+    torch.manual_seed(456)
+    features.run(_cfg(prepared, "seed_b"))
+    a = pd.read_parquet(prepared / "seed_a/features/tiny_test.parquet")
+    pd.testing.assert_frame_equal(a, pd.read_parquet(prepared / "seed_b/features/tiny_test.parquet"))
+    features.run(_cfg(prepared, "seed_c", "seed=7"))
+    c = pd.read_parquet(prepared / "seed_c/features/tiny_test.parquet")
+    assert not np.allclose(a.iloc[:, 1:].to_numpy(), c.iloc[:, 1:].to_numpy(), atol=1e-4)

@@ -3,8 +3,10 @@ would), it learns what is learnable, and it is deterministic."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from lib.core.errors import PipelineError
 from lib.training import cached_trunk as CT
 from lib.training.cached_trunk import FineTune, cross_fit, fit_fold, predict
 
@@ -86,13 +88,41 @@ def test_learns_a_planted_signal_and_is_deterministic() -> None:
     assert np.array_equal(oof, oof2) and np.array_equal(te, te2)
 
 
-def test_finetune_key_holds_trunk_settings_folds_and_format(monkeypatch) -> None:
-    base = CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], True)
-    assert base == CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], True)
-    for other in (CT.finetune_key_parts("other", FT, "folds1", ["A", "B"], True),
-                  CT.finetune_key_parts("trunkkey", FineTune(epochs=3), "folds1", ["A", "B"], True),
-                  CT.finetune_key_parts("trunkkey", FT, "folds2", ["A", "B"], True),
-                  CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], False)):
+def test_finetune_key_holds_trunk_settings_folds_train_rows_and_format(monkeypatch) -> None:
+    base = CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], "rows1")
+    assert base == CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], "rows1")
+    for other in (CT.finetune_key_parts("other", FT, "folds1", ["A", "B"], "rows1"),
+                  CT.finetune_key_parts("trunkkey", FineTune(epochs=3), "folds1", ["A", "B"], "rows1"),
+                  CT.finetune_key_parts("trunkkey", FT, "folds2", ["A", "B"], "rows1"),
+                  CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], "rows2")):
         assert other != base
     monkeypatch.setattr(CT, "FINETUNE_FORMAT_VERSION", CT.FINETUNE_FORMAT_VERSION + 1)
-    assert CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], True) != base
+    assert CT.finetune_key_parts("trunkkey", FT, "folds1", ["A", "B"], "rows1") != base
+
+
+def test_kept_fold_models_score_new_test_rows_like_the_fitted_ones(tmp_path) -> None:
+    """Each fold model kept as safetensors (no pickle) and loaded back gives the test logits the
+    fitted models gave, bit for bit; a damaged file is refused in one line naming it."""
+    rng = np.random.default_rng(2)
+    n = 40
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
+    acts = [rng.normal(size=(n, 2, 8, 2, 2)).astype(np.float16)]
+    test = [rng.normal(size=(7, 2, 8, 2, 2)).astype(np.float16)]
+    ft = FineTune(epochs=3, batch_size=8, lr=0.05, dropout=0.1, seed=1)
+    tail = torch.nn.BatchNorm2d(8)
+    kept = {}
+
+    def keep(k, model):
+        CT.save_tail_head(model, tmp_path / f"fold{k}.safetensors")
+        kept[k] = model
+    _, te, _ = cross_fit(tail, POOL, 8, acts, y, np.arange(n) % 4, test, ft, "cpu", on_fold=keep)
+    assert sorted(kept) == [0, 1, 2, 3]
+    loaded = [CT.load_tail_head(tmp_path / f"fold{k}.safetensors", tail, POOL, 8, 1, 3, ft.dropout, "cpu")
+              for k in range(4)]
+    assert np.array_equal(CT.mean_test_logits(loaded, test, "cpu"), te)
+    assert np.array_equal(CT.mean_test_logits(list(kept.values()), test, "cpu"), te)
+    assert not torch.equal(loaded[0].tail.running_mean, tail.running_mean)   # the fitted tail, not the original
+    (tmp_path / "fold1.safetensors").write_bytes((tmp_path / "fold1.safetensors").read_bytes()[:100])
+    with pytest.raises(PipelineError, match=r"fold1.safetensors: not a readable fine-tuned fold model") as e:
+        CT.load_tail_head(tmp_path / "fold1.safetensors", tail, POOL, 8, 1, 3, ft.dropout, "cpu")
+    assert "\n" not in str(e.value)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lib.config.schema import TRAIN_DEFAULTS
-from lib.core.errors import PipelineError
+from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import read_json
 from lib.stages import train as train_stage
 from lib.training import data as TD
@@ -289,3 +289,29 @@ def test_train_fold_equals_its_parts_and_finalize_writes_artifacts(prep, tmp_pat
     assert spec == obj["spec"] and spec["size"] == 64
     assert {"mean", "std", "interpolation", "resize_mode", "crop_pct"} <= set(spec)
     assert isinstance(spec["mean"], list) and len(spec["std"]) == 3
+
+
+def test_finished_fold_meets_other_test_rows_and_recomputes_only_its_test_logits(prep, tmp_path):
+    """Another test release: a finished fold's test logits are made again from its model.pt (the fold's
+    own inference path), for exactly the new rows; its train side is untouched; fold-model features
+    refuse test logits that were made for other rows."""
+    cfg = tiny(prep, tmp_path, "t_release", "train.model.kind=single", "train.tta=[id,hflip]")
+    train_stage.run(cfg, fold=0)
+    info, train, test = data(cfg)
+    classes, fd = info["classes"], tmp_path / "t_release" / "fold0"
+    first = pd.read_parquet(fd / "test_logits.parquet").set_index("lesion_id")
+    rows = TI.rows_key_of_test(cfg, info, test)
+    assert read_json(fd / "test_logits.json") == {"rows": rows, "n": len(test)} and TI.fold_test_current(fd, rows)
+    stamps = {f: (fd / f).stat().st_mtime_ns for f in ("model.pt", "oof.parquet", "summary.json")}
+
+    other = test.iloc[::-1].iloc[3:].reset_index(drop=True)      # rows dropped, order reversed
+    other_rows = TI.rows_key_of_test(cfg, info, other)
+    assert other_rows != rows and not TI.fold_test_current(fd, other_rows)
+    z = T.refresh_test_logits(cfg, info, train, other, 0, other_rows)
+    again = pd.read_parquet(fd / "test_logits.parquet")
+    assert list(again["lesion_id"]) == list(other["lesion_id"]) and TI.fold_test_current(fd, other_rows)
+    np.testing.assert_allclose(again[classes].to_numpy(), z, atol=0)
+    np.testing.assert_allclose(z, first.loc[other["lesion_id"], classes].to_numpy(), atol=1e-5)
+    assert {f: (fd / f).stat().st_mtime_ns for f in stamps} == stamps
+    with pytest.raises(MissingArtifactError, match="test_logits.parquet: not made for this prep folder's test rows"):
+        TI._fold_logits(cfg, "t_release", 0, train[train["fold"] == 0], test, classes, rows)

@@ -10,11 +10,13 @@ from PIL import Image
 
 from lib.core.errors import PipelineError
 from lib.vision import embed
+from lib.vision import trunk as trunk_mod
 from lib.vision.trunk import (
     check_split,
     pooled_from_trunk,
     split_at,
     trunk_activations,
+    trunk_cached,
     trunk_key,
 )
 
@@ -108,21 +110,45 @@ def test_activations_are_cached_atomically_and_reused(tmp_path) -> None:
     trunk, tail, pool = split_at(m, "conv_head")
     counting = Counting(trunk)
     paths, out = _images(tmp_path), tmp_path / "cache" / "train_dermoscopic.npy"
-    a = trunk_activations(counting, paths, SPEC, "cpu", 2, 0, "t", out)
+    a = trunk_activations(counting, paths, SPEC, "cpu", 2, 0, "t", out, "rows1")
     assert a.dtype == np.float16 and a.shape[:2] == (5, 2) and a.ndim == 5
     assert counting.calls == 3 * 2  # 3 batches x 2 views
     assert sorted(p.name for p in out.parent.iterdir()) == ["train_dermoscopic.json", "train_dermoscopic.npy"]
-    b = trunk_activations(counting, paths, SPEC, "cpu", 2, 0, "t", out)
+    b = trunk_activations(counting, paths, SPEC, "cpu", 2, 0, "t", out, "rows1")
     assert counting.calls == 6 and np.array_equal(a, b)
-    trunk_activations(counting, paths[:4], SPEC, "cpu", 2, 0, "t", out)   # other images: recomputed
+    trunk_activations(counting, paths[:4], SPEC, "cpu", 2, 0, "t", out, "rows2")   # other images: recomputed
     assert counting.calls == 6 + 2 * 2
+
+
+def test_same_paths_with_other_contents_are_recomputed(tmp_path) -> None:
+    """Another test release: the same cached paths (same ids) but another image behind one of them."""
+    counting = Counting(split_at(_model(), "conv_head")[0])
+    paths, out = _images(tmp_path), tmp_path / "cache" / "test_dermoscopic.npy"
+    a = np.array(trunk_activations(counting, paths, SPEC, "cpu", 5, 0, "t", out, "release_a"))
+    Image.open(paths[1]).transpose(Image.Transpose.ROTATE_90).save(paths[0])   # lesion 0 gets another image
+    b = trunk_activations(counting, paths, SPEC, "cpu", 5, 0, "t", out, "release_b")
+    assert counting.calls == 2 * 2 and not np.array_equal(a[0], b[0]) and np.array_equal(a[2:], b[2:])
+    assert trunk_cached(paths, out, "release_b") and not trunk_cached(paths, out, "release_a")
+
+
+def test_a_kill_between_npy_and_sidecar_leaves_nothing_that_vouches(tmp_path, monkeypatch) -> None:
+    counting = Counting(split_at(_model(), "conv_head")[0])
+    paths, out = _images(tmp_path), tmp_path / "cache" / "test_dermoscopic.npy"
+    trunk_activations(counting, paths, SPEC, "cpu", 5, 0, "t", out, "release_a")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed after the .npy was replaced")
+    monkeypatch.setattr(trunk_mod, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trunk_activations(counting, paths[:3], SPEC, "cpu", 5, 0, "t", out, "release_b")
+    assert not trunk_cached(paths, out, "release_a") and not trunk_cached(paths[:3], out, "release_b")
 
 
 def test_embeddings_from_the_cache_match_the_encoder(tmp_path) -> None:
     m = _model()
     trunk, tail, pool = split_at(m, "blocks.1")
     paths = _images(tmp_path)
-    acts = trunk_activations(trunk, paths, SPEC, "cpu", 4, 0, "t", tmp_path / "a.npy")
+    acts = trunk_activations(trunk, paths, SPEC, "cpu", 4, 0, "t", tmp_path / "a.npy", "rows")
     got = pooled_from_trunk(tail, pool, acts, "cpu")
     ref = embed.embed_paths(m, paths, SPEC, "cpu", 4, 0, "ref")
     assert got.shape == ref.shape
