@@ -74,7 +74,11 @@ def _onnx_key_spec(spec: dict, cut: str | None) -> dict:
 
 
 def _build(enc: dict, device: str) -> nn.Module:
-    model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(device)
+    """The encoder in eval mode; randomly initialised ones (weights null) from a fixed seed, so that their
+    cached embeddings (keyed by the spec, which names no seed) are the same on every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = backbones.build_backbone(enc["arch"], enc["weights"], hub=enc["hub"]).eval().to(device)
     return model.to(memory_format=torch.channels_last)
 
 
