@@ -304,7 +304,7 @@ def load_features(cfg: dict, names: list[str], split: str, exp: str | None = Non
             raise MissingArtifactError(f"{p} not found: run 03_extract_features.py for encoder '{n}' first")
         if out is None:
             require_same_folds(cfg, folder, "features", f"{exp or cfg['exp']}/{FEATURES}")
-        df = pd.read_parquet(p)
+        df = read_table(p)
         out = df if out is None else merge_on_id(out, df, f"features {n} {split}")
     return out
 

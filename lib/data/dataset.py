@@ -7,7 +7,7 @@ import pandas as pd
 
 from lib.core.artifacts import prep_dir
 from lib.core.errors import PipelineError
-from lib.core.io import ID, read_json
+from lib.core.io import ID, read_json, read_table
 from lib.data import folds
 
 
@@ -17,11 +17,11 @@ def load_dataset(cfg: dict) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
     if not (folder / "dataset.json").exists():
         raise PipelineError(f"{folder}/dataset.json not found: run 01_preprocess.py with the same data first")
     info = read_json(folder / "dataset.json")
-    tr = pd.read_parquet(folder / "train.parquet")
-    fo = pd.read_csv(folder / "folds.csv", dtype={ID: str})
+    tr = read_table(folder / "train.parquet")
+    fo = read_table(folder / "folds.csv")
     folds.check_folds(tr, fo, info.get("group"))
     tr = tr.merge(fo, on=ID, how="left", validate="one_to_one")
-    te = pd.read_parquet(folder / "test.parquet") if (folder / "test.parquet").exists() else None
+    te = read_table(folder / "test.parquet") if (folder / "test.parquet").exists() else None
     if te is not None:
         te["fold"] = -1
     return info, tr, te

@@ -18,7 +18,7 @@ from torch import nn
 from lib.core import artifacts as A
 from lib.core.artifacts import prep_dir, save_config
 from lib.core.errors import ConfigError, PipelineError
-from lib.core.io import ID, write_json, write_parquet
+from lib.core.io import ID, read_json, read_table, write_json, write_parquet
 from lib.core.runtime import cpu_count, torch_device
 from lib.data.dataset import load_dataset
 from lib.training.cached_trunk import FineTune, cross_fit, finetune_key_parts
@@ -93,12 +93,8 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
     for split, df in tables.items():
         path = folder / f"{split}.parquet"
         paths[split] = path
-        if path.exists():
-            old = pd.read_parquet(path, columns=[ID])
-            if list(old[ID]) == list(df[ID]):
-                log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
-                continue
-            log.info("%s/%s: cached embeddings are for other lesions; recomputing", enc["name"], split)
+        if _cached(path, df, enc["name"], split):
+            continue
         if model is None:
             files = [str(prep_dir(cfg) / p) for p in df[f"path_{info['modalities'][0]}"]]
             model, runtime = frozen.forward(_build(enc, frozen.device), enc["name"], _onnx_key_spec(spec, None),
@@ -111,13 +107,31 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
                                      frozen.workers, f"{enc['name']} {split} {m}", keep_views=keep)
         cols = _embedding_columns(enc["name"], info, per_mod, views, keep)
         n_img, dt = len(df) * len(info["modalities"]), time.time() - t0
-        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
         write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
                     "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
                     "runtime": runtime, "threads": frozen.threads}, folder / f"{split}.json")
+        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)  # last
         log.info("%s/%s: %d images x %d views in %.0fs (%.1f img/s, %s)", enc["name"], split, n_img,
                  len(views), dt, n_img * len(views) / dt, runtime)
     return paths
+
+
+def _cached(path: Path, df: pd.DataFrame, name: str, split: str) -> bool:
+    """Whether `path` (and its .json, written before it) holds the embeddings of exactly `df`'s lesions,
+    in order; a corrupt or foreign file is logged and recomputed, never used."""
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        return False
+    try:
+        old = read_table(path, columns=[ID])
+        read_json(path.with_suffix(".json"))
+    except PipelineError as e:
+        log.warning("%s/%s: cached embeddings unreadable, recomputing: %s", name, split, e)
+        return False
+    if list(old[ID]) != list(df[ID]):
+        log.info("%s/%s: cached embeddings are for other lesions; recomputing", name, split)
+        return False
+    log.info("%s/%s: cached embeddings reused (%s)", name, split, path)
+    return True
 
 
 def _embedding_columns(name: str, info: dict, per_mod: dict[str, np.ndarray], views: list[str],
@@ -171,18 +185,17 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
                                          f"{enc['name']} trunk {split} {m}", tfolder / f"{split}_{m}.npy")
                        for m in info["modalities"]]
         paths[split] = path = folder / f"{split}.parquet"
-        if path.exists() and list(pd.read_parquet(path, columns=[ID])[ID]) == list(df[ID]):
-            log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
+        if _cached(path, df, enc["name"], split):
             continue
         per_mod = {m: pooled_from_trunk(tail, pool, a, frozen.device, keep_views=keep)
                    for m, a in zip(info["modalities"], acts[split])}
         cols = _embedding_columns(enc["name"], info, per_mod, views, keep)
-        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
         n_img, dt = len(df) * len(info["modalities"]), time.time() - t0
         write_json({**spec, "name": enc["name"], "split": split, "n_images": n_img, "seconds": round(dt, 1),
                     "images_per_s": round(n_img * len(views) / dt, 2), "device": frozen.device,
                     "trunk_cut": enc["cut"], "trunk_cache": str(tfolder), "runtime": runtime or "cached",
                     "threads": frozen.threads}, folder / f"{split}.json")
+        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)  # last
         log.info("%s/%s: %d images x %d views via the trunk cache in %.0fs", enc["name"], split, n_img,
                  len(views), dt)
     return paths, acts, (tail, pool, int(model.num_features))
@@ -201,13 +214,13 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
     spec, _ = _spec(cfg, enc, info, frozen, False)
     key = spec_key(finetune_key_parts(trunk_key(spec, enc["cut"]), ft, A.folds_sha1(cfg), classes, "test" in tables))
     folder = prep_dir(cfg) / A.FEATURES / f"{name}-{key}"
-    if not (folder / "train.parquet").exists():
+    if not all(_cached(folder / f"{split}.parquet", tables[split], name, split) for split in tables):
         _finetune(enc, name, classes, ft, train, tables, acts, tail_pool, folder, frozen.device)
     else:
         log.info("%s: cached fine-tuned logits reused (%s)", name, folder)
     for split in tables:
         _link(folder / f"{split}.parquet", out / A.features_file(name, split))
-        shutil.copyfile(folder / f"{split}.json", out / A.features_file(name, split, "json"))
+        _link(folder / f"{split}.json", out / A.features_file(name, split, "json"))
 
 
 def _own_finetune(enc: dict) -> dict:
@@ -271,7 +284,7 @@ def run(cfg: dict) -> None:
             paths = extract_encoder(cfg, enc, info, tables, frozen)
         for split, src in paths.items():
             _link(src, out / A.features_file(enc["name"], split))
-            shutil.copyfile(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
+            _link(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
         parts[f"{enc['name']} embeddings"] = round(time.time() - t_enc, 1)
         if enc["finetune"]:
             t_ft = time.time()

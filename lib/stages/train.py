@@ -11,7 +11,7 @@ import torch
 from lib.core import artifacts as A
 from lib.core.artifacts import exp_dir, fold_dir, save_config
 from lib.core.errors import PipelineError
-from lib.core.io import ID, assert_same_ids, read_json, write_json, write_parquet
+from lib.core.io import ID, assert_same_ids, read_json, read_table, write_json, write_parquet
 from lib.core.runtime import torch_device
 from lib.data.dataset import load_dataset
 from lib.evaluation.report import cv_summary, log_cv
@@ -22,9 +22,26 @@ from lib.training.inference import prediction_table, probabilities
 log = logging.getLogger(__name__)
 
 
-def fold_done(cfg: dict, k: int) -> bool:
-    p = fold_dir(cfg, k) / "summary.json"
-    return p.exists() and read_json(p).get("fingerprint") == fingerprint(cfg) and (fold_dir(cfg, k) / "oof.parquet").exists()
+def fold_done(cfg: dict, k: int, train: pd.DataFrame, test: pd.DataFrame | None) -> bool:
+    """Fold k finished with this config, on these folds (its OOF rows are fold k's lesions of folds.csv)
+    and its tables read back; otherwise (a corrupt file, folds.csv changed since) it is trained again."""
+    folder = fold_dir(cfg, k)
+    p = folder / A.FOLD_SUMMARY_JSON
+    if not (p.exists() and (folder / A.OOF).exists()):
+        return False
+    try:
+        if read_json(p).get("fingerprint") != fingerprint(cfg):
+            return False
+        oof = read_table(folder / A.OOF, columns=[ID])
+        te = None if test is None else read_table(folder / A.FOLD_TEST_LOGITS, columns=[ID])
+    except PipelineError as e:
+        log.warning("fold %d is trained again: %s", k, e)
+        return False
+    if set(oof[ID]) != set(train.loc[train["fold"] == k, ID]) or (te is not None and list(te[ID]) != list(test[ID])):
+        log.warning("fold %d is trained again: its rows differ from fold %d of %s (folds.csv changed since)", k, k,
+                    A.prep_dir(cfg) / A.FOLDS)
+        return False
+    return True
 
 
 def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None) -> dict | None:
@@ -33,19 +50,19 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
 
     t0 = time.time()
     folds = sorted(int(f) for f in train["fold"].unique())
-    missing = [k for k in folds if not fold_done(cfg, k)]
+    missing = [k for k in folds if not fold_done(cfg, k, train, test)]
     if missing:
         log.info("folds %s not done yet: experiment tables not written", missing)
         return None
     classes, task = list(info["classes"]), info.get("task", "multiclass")
     parts, tests, sums = [], [], []
     for k in folds:
-        o = pd.read_parquet(fold_dir(cfg, k) / A.OOF)
+        o = read_table(fold_dir(cfg, k) / A.OOF)
         assert_same_ids(o, train[train["fold"] == k], f"fold {k} OOF vs fold rows")
         parts.append(o)
         sums.append(read_json(fold_dir(cfg, k) / A.FOLD_SUMMARY_JSON))
         if test is not None:
-            t = pd.read_parquet(fold_dir(cfg, k) / A.FOLD_TEST_LOGITS)
+            t = read_table(fold_dir(cfg, k) / A.FOLD_TEST_LOGITS)
             assert_same_ids(t, test, f"fold {k} test logits vs test", ordered=True)
             tests.append(probabilities(t[classes].to_numpy(), task))
     oof = pd.concat(parts, ignore_index=True).set_index(ID).loc[train[ID].to_numpy()].reset_index()
@@ -96,7 +113,7 @@ def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: in
     d = D.setup(device)
     try:
         for k in ks:
-            if fold_done(cfg, k):
+            if fold_done(cfg, k, train, test):
                 log.info("fold %d already done with this config (%s): skipped", k, fold_dir(cfg, k))
                 continue
             if train_fold(cfg, info, train, test, k, resume=resume, d=d, stop_after=stop_after) is None:

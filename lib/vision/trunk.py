@@ -20,6 +20,7 @@ ONNX Runtime twin (`lib.vision.onnx_trunk`): both take and give tensors.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -36,6 +37,8 @@ from lib.core.io import write_json
 from lib.core.progress import progress
 from lib.vision.embed import image_batches, spec_key
 from lib.vision.tta import apply_view
+
+log = logging.getLogger(__name__)
 
 HEAD_MODULES = ("global_pool", "fc", "classifier", "head", "head_drop")
 TRUNK_FORMAT_VERSION = 2   # bump when the cached activations change meaning (2: identity in the key)
@@ -89,9 +92,23 @@ def trunk_key(enc_spec: dict, cut: str) -> str:
 
 
 def trunk_cached(paths: list[str], out: Path) -> bool:
-    """Whether `out` holds the activations of exactly these images (in this order)."""
+    """Whether `out` holds the activations of exactly these images (in this order): its .json sidecar
+    names them and the .npy reads back with one row per image. A truncated or corrupt cache is logged
+    and recomputed, never used."""
     meta = out.with_suffix(".json")
-    return out.exists() and meta.exists() and json.loads(meta.read_text()).get("paths") == list(paths)
+    if not (out.exists() and meta.exists()):
+        return False
+    try:
+        if json.loads(meta.read_text()).get("paths") != list(paths):
+            return False
+        n = len(np.load(out, mmap_mode="r"))
+    except (OSError, ValueError, EOFError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        log.warning("%s: trunk cache unreadable, recomputing (%s)", out, str(e).splitlines()[0][:200])
+        return False
+    if n != len(paths):
+        log.warning("%s: trunk cache holds %d rows for %d images, recomputing", out, n, len(paths))
+        return False
+    return True
 
 
 @torch.no_grad()
