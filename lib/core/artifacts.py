@@ -248,8 +248,8 @@ def require_same_folds(cfg: dict, folder: str | Path, role: str, exp: str) -> di
     if theirs != ours:
         script = STAGES.get(m.get("stage"), ("", "its stages"))[1]
         raise MissingArtifactError(
-            f"{role} '{exp}' was made on another folds.csv (its {str(theirs)[:8]} vs {str(ours)[:8]} in "
-            f"{prep_dir(cfg)}): rerun {script} for '{exp}' (and the stages it reads) on these folds")
+            f"{role} '{exp}' was made on another folds.csv ({folder / MANIFEST} says {str(theirs)[:8]} vs "
+            f"{str(ours)[:8]} in {prep_dir(cfg)}): rerun {script} for '{exp}' (and the stages it reads) on these folds")
     return m
 
 

@@ -145,6 +145,8 @@ def content(path: Path, roots: tuple[str, ...]):
     root replaced by a marker), arrays, bytes of cached images; None for existence-only files."""
     if path.suffix in EXISTENCE_ONLY:
         return None
+    if unreadable(path):
+        return path.read_bytes()
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".csv":
