@@ -270,6 +270,8 @@ def run(cfg: dict) -> None:
     frozen = Frozen(cfg)
     torch.set_num_threads(frozen.threads)   # once, for PyTorch; ONNX Runtime sessions get the same count
     info, train, test = load_dataset(cfg)
+    for e in cfg["features"]["from_exps"]:  # before any compute: a missing or other-folds member stops here
+        A.require_same_folds(cfg, A.exp_folder(cfg, e), "features.from_exps", e)
     tables = {"train": train[[ID] + [f"path_{m}" for m in info["modalities"]]]}
     if test is not None:
         tables["test"] = test[[ID] + [f"path_{m}" for m in info["modalities"]]]
@@ -293,7 +295,6 @@ def run(cfg: dict) -> None:
             parts[f"ft_{enc['name']} fine-tune"] = round(time.time() - t_ft, 1)
     if cfg["features"]["from_exps"]:
         for e in cfg["features"]["from_exps"]:
-            A.require_same_folds(cfg, A.exp_folder(cfg, e), "features.from_exps", e)
             fold_logit_features(cfg, e, info, train, test, out)
     save_config(cfg, out)
     inputs = [A.input_record(cfg, prep_dir(cfg), "prep")]
