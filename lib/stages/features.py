@@ -312,6 +312,8 @@ def _link(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    if tmp.exists():  # dst was already a link to src: rename() of two links to one file does nothing
+        tmp.unlink()
 
 
 # ----------------------------------------------------------------------------- tabular

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,29 +48,49 @@ class Result:
     stderr: str
     killed: bool
     seconds: float
+    work_seconds: float   # from the stage's first log line (its work begins: imports and config done) to its end
 
 
 def command(stage: str, out: Path, *extra: str) -> list[str]:
     return [sys.executable, *STAGES[stage], "--output", str(out), *COMMON, *extra]
 
 
+def _drain(stream, lines: list[str], first: list[float]) -> None:
+    for line in stream:
+        if not first and " INFO " in line:
+            first.append(time.perf_counter())
+        lines.append(line)
+
+
 def run_stage(stage: str, out: Path, *extra: str, kill_at: float | None = None, timeout: float = 600,
               env: dict | None = None) -> Result:
-    """Run one stage as its own process group; SIGKILL the group after `kill_at` seconds when given."""
+    """Run one stage as its own process group. `kill_at`: SIGKILL the group that many seconds after the
+    stage's first log line (its work, not the interpreter's start-up), if it is still running."""
     t0 = time.perf_counter()
     p = subprocess.Popen(command(stage, out, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True, env={**os.environ, **(env or {})})
-    try:
-        so, se = p.communicate(timeout=kill_at if kill_at is not None else timeout)
-        killed = False
-    except subprocess.TimeoutExpired:
-        if kill_at is None:
+    so: list[str] = []
+    se: list[str] = []
+    first: list[float] = []
+    threads = [threading.Thread(target=_drain, args=(p.stdout, so, []), daemon=True),
+               threading.Thread(target=_drain, args=(p.stderr, se, first), daemon=True)]
+    for t in threads:
+        t.start()
+    killed = False
+    while p.poll() is None:
+        now = time.perf_counter()
+        if now - t0 > timeout or (kill_at is not None and first and now - first[0] >= kill_at):
             os.killpg(p.pid, signal.SIGKILL)
-            raise
-        os.killpg(p.pid, signal.SIGKILL)
-        so, se = p.communicate()
-        killed = True
-    return Result(p.returncode, so, se, killed, time.perf_counter() - t0)
+            killed = kill_at is not None
+            break
+        time.sleep(0.02)
+    p.wait()
+    for t in threads:
+        t.join()
+    end = time.perf_counter()
+    if not killed and p.returncode == -signal.SIGKILL:
+        raise TimeoutError(f"stage {stage} ran over {timeout} s")
+    return Result(p.returncode, "".join(so), "".join(se), killed, end - t0, end - (first[0] if first else t0))
 
 
 def must_pass(r: Result, what: str) -> Result:
@@ -214,11 +235,10 @@ def of_stage(snap: dict, stages: list[str]) -> dict:
 
 
 def kill_points(stage: str, seconds: float, n: int, seed: int) -> list[float]:
-    """`n` seeded kill times spread over a stage's reference wall time (from 25%: mostly after the
-    stage has imported its libraries; before 95% of the time)."""
+    """`n` seeded kill times, in seconds after the stage's first log line, spread over its reference
+    work time (5% to 95% of it)."""
     rng = np.random.default_rng([seed, int(stage)])
-    lo, hi = 0.25 * seconds, 0.95 * seconds
-    return sorted(float(t) for t in rng.uniform(lo, hi, n))
+    return sorted(float(t) for t in rng.uniform(0.05 * seconds, 0.95 * seconds, n))
 
 
 # ----------------------------------------------------------------------------- the record

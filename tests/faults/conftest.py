@@ -1,5 +1,6 @@
 """The battery's reference: one uninterrupted run of 01 -> 05 with tiny settings (shared by the
-session), with each stage's wall time (the range the kill points are drawn from). The run happens in
+session), with each stage's work time (from its first log line to its end: the range the kill points
+are drawn from). The run happens in
 a workspace folder and is kept in a pristine copy: `workspace(stages)` refills the workspace with
 the files those stages wrote, at the same absolute path (a fold's fingerprint includes the prep
 folder's path, so finished folds count as finished only there)."""
@@ -32,6 +33,6 @@ class Reference:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     root = tmp_path_factory.mktemp("faults")
     out = root / "work"
-    secs = {s: must_pass(run_stage(s, out), f"reference {s}").seconds for s in ("01", "02", "03", "04", "05")}
+    secs = {s: must_pass(run_stage(s, out), f"reference {s}").work_seconds for s in ("01", "02", "03", "04", "05")}
     shutil.copytree(out, root / "pristine", copy_function=shutil.copy2)
     return Reference(out, root / "pristine", secs, snapshot(out))

@@ -21,6 +21,7 @@ from tests.faults.battery import (
     record,
     run_stage,
     snapshot,
+    temp_files,
 )
 
 pytestmark = pytest.mark.e2e
@@ -108,6 +109,7 @@ def test_corrupt_file_is_recomputed_or_refused(name, copied, stage, target, how,
         record(stage, f"corrupt: {name}", ok and not diff, len(diff), "; ".join(diff[:3]))
         must_pass(r, name)
         assert not diff, diff
+        assert not temp_files(out), f"the rerun left temp files: {temp_files(out)}"
     else:
         ok = r.rc == 2 and "Traceback" not in r.stderr and rel.split("/")[-1] in r.stderr
         record(stage, f"corrupt: {name}", ok, 0, r.stderr.strip().splitlines()[-1][:120] if r.stderr.strip() else "")
