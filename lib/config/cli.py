@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,9 @@ from lib.core.errors import PipelineError
 from lib.core.runtime import check_writable
 
 log = logging.getLogger(__name__)
+
+# a write the disk refused: full, over quota, read-only, no permission (a user's problem, one line, exit 2)
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -65,6 +69,16 @@ def apply_paths(cfg: dict) -> None:
         os.environ["SKL_CACHE_DIR"] = str(cfg["paths"]["weights_cache"])
 
 
+def disk_error(e: OSError) -> str:
+    """One line for a write the disk refused (full, read-only, no permission): the file and what to do;
+    writes are atomic, so nothing half written was left in place of a final file."""
+    where = e.filename or "the output folder"
+    fix = ("free space (or pass another --output)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "make it writable (or pass a writable --output)")
+    return (f"{where}: {e.strerror or errno.errorcode.get(e.errno, 'OSError')}: {fix}, then rerun the same "
+            "command (finished work is reused; nothing half written was kept)")
+
+
 def run_script(main_fn, argv: list[str] | None, description: str,
                extra: list[tuple[tuple, dict]] | None = None) -> int:
     """Entry point wrapper: user errors become one clear line and exit code 2; Ctrl-C exits 130; a
@@ -77,6 +91,11 @@ def run_script(main_fn, argv: list[str] | None, description: str,
                         if k not in ("config", "data", "test_data", "output", "exp", "verbose", "overrides")})
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {disk_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue (finished work is reused; 02 takes --resume "

@@ -348,8 +348,8 @@ def require_same_folds(cfg: dict, folder: str | Path, role: str, exp: str) -> di
     if theirs != ours:
         script = STAGES.get(m.get("stage"), ("", "its stages"))[1]
         raise MissingArtifactError(
-            f"{role} '{exp}' was made on another folds.csv (its {str(theirs)[:8]} vs {str(ours)[:8]} in "
-            f"{prep_dir(cfg)}): rerun {script} for '{exp}' (and the stages it reads) on these folds")
+            f"{role} '{exp}' was made on another folds.csv ({folder / MANIFEST} says {str(theirs)[:8]} vs "
+            f"{str(ours)[:8]} in {prep_dir(cfg)}): rerun {script} for '{exp}' (and the stages it reads) on these folds")
     return m
 
 
@@ -404,7 +404,7 @@ def load_features(cfg: dict, names: list[str], split: str, exp: str | None = Non
             raise MissingArtifactError(f"{p} not found: run 03_extract_features.py for encoder '{n}' first")
         if out is None:
             require_same_folds(cfg, folder, "features", f"{exp or cfg['exp']}/{FEATURES}")
-        df = pd.read_parquet(p)
+        df = read_table(p)
         out = df if out is None else merge_on_id(out, df, f"features {n} {split}")
     return out
 

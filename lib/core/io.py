@@ -1,6 +1,7 @@
 """Atomic file writes, table readers and id-alignment guards."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from lib.core.errors import PipelineError
+from lib.core.errors import DataError, PipelineError
 
 ID = "lesion_id"
 
@@ -28,9 +29,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # name the file: pyarrow's and pandas' disk-full errors carry no file name
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
+    except RuntimeError as e:  # torch.save hides a full disk behind "unexpected pos"
+        if not _nearly_full(path.parent):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system holding `folder` has less than `margin` bytes left for this user."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize < margin
 
 
 def _atomic(write: Callable[[Path], Any], path: str | Path) -> Path:
@@ -87,17 +102,29 @@ def write_csv(df: pd.DataFrame, path: str | Path, **kw: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parse a JSON file; one DataError line naming the file when it is not valid JSON (cut short or
+    edited by hand)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({str(e).splitlines()[0]}): the file is corrupt or was "
+                        "edited by hand; rerun the stage that wrote it") from None
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a parquet or CSV table written by this pipeline; clear error when missing."""
+def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a parquet or CSV table written by this pipeline; one-line errors when missing or corrupt
+    (a truncated or overwritten file is never half read)."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: file not found (did the earlier stage run?)")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, dtype={ID: str})
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path, columns=columns)
+        return pd.read_csv(path, dtype={ID: str}, usecols=columns)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{path}: unreadable table ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the file "
+                        "is corrupt; rerun the stage that wrote it") from None
 
 
 def assert_unique_ids(df: pd.DataFrame, what: str, col: str = ID) -> None:

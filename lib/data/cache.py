@@ -129,10 +129,21 @@ def resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
     return out
 
 
+def complete_jpeg(path: str) -> bool:
+    """A cached JPEG ends with its EOI marker (FF D9): one cut short (a full disk, an interrupted copy)
+    does not, and is cached again instead of being read."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 4:
+            return False
+        f.seek(-2, os.SEEK_END)
+        return f.read(2) == b"\xff\xd9"
+
+
 def process_one(src: str, dst: str, c: dict) -> str | None:
     """Cache one image; returns an error message instead of raising (for the worker pool)."""
     try:
-        if os.path.exists(dst) and os.path.getmtime(dst) >= source_mtime(src):
+        if os.path.exists(dst) and os.path.getmtime(dst) >= source_mtime(src) and complete_jpeg(dst):
             return None
         img = read_rgb(src)
         if c["color_constancy"]:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from lib.core.artifacts import DATASET, FOLDS, PREP_TEST, PREP_TRAIN, prep_dir
 from lib.core.errors import PipelineError
-from lib.core.io import ID, read_json
+from lib.core.io import ID, read_json, read_table
 from lib.data import folds
 from lib.data.cache import image_sha1
 
@@ -24,11 +24,11 @@ def load_dataset(cfg: dict) -> tuple[dict, pd.DataFrame, pd.DataFrame | None]:
     if not (folder / DATASET).exists():
         raise PipelineError(f"{folder / DATASET} not found: run 01_preprocess.py with the same data first")
     info = read_json(folder / DATASET)
-    tr = pd.read_parquet(folder / PREP_TRAIN)
-    fo = pd.read_csv(folder / FOLDS, dtype={ID: str})
+    tr = read_table(folder / PREP_TRAIN)
+    fo = read_table(folder / FOLDS)
     folds.check_folds(tr, fo, info.get("group"))
     tr = tr.merge(fo, on=ID, how="left", validate="one_to_one")
-    te = pd.read_parquet(folder / PREP_TEST) if (folder / PREP_TEST).exists() else None
+    te = read_table(folder / PREP_TEST) if (folder / PREP_TEST).exists() else None
     if te is not None:
         te["fold"] = -1
     return info, tr, te

@@ -23,7 +23,7 @@ from torch import nn
 from lib.core import artifacts as A
 from lib.core.artifacts import prep_dir, save_config
 from lib.core.errors import ConfigError, PipelineError
-from lib.core.io import ID, read_json, write_json, write_parquet
+from lib.core.io import ID, read_json, read_table, write_json, write_parquet
 from lib.core.runtime import cpu_count, torch_device
 from lib.data.dataset import image_digests, load_dataset, rows_fingerprint
 from lib.training.cached_trunk import (
@@ -122,8 +122,7 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
     for split, df in tables.items():
         path = folder / A.rows_file(split, rows.split[split])
         paths[split] = path
-        if path.exists():
-            log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
+        if _cached(path, df, enc["name"], split):
             continue
         if model is None:
             files = [str(prep_dir(cfg) / p) for p in df[f"path_{info['modalities'][0]}"]]
@@ -140,10 +139,28 @@ def extract_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.DataF
         write_json({**spec, "name": enc["name"], "split": split, "rows": rows.split[split], "n_images": n_img,
                     "seconds": round(dt, 1), "images_per_s": round(n_img * len(views) / dt, 2),
                     "device": frozen.device, "runtime": runtime, "threads": frozen.threads}, path.with_suffix(".json"))
-        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
+        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)  # last
         log.info("%s/%s: %d images x %d views in %.0fs (%.1f img/s, %s)", enc["name"], split, n_img,
                  len(views), dt, n_img * len(views) / dt, runtime)
     return paths
+
+
+def _cached(path: Path, df: pd.DataFrame, name: str, split: str) -> bool:
+    """Whether `path` (and its .json, written before it) holds the embeddings of exactly `df`'s lesions,
+    in order; a corrupt or foreign file is logged and recomputed, never used."""
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        return False
+    try:
+        old = read_table(path, columns=[ID])
+        read_json(path.with_suffix(".json"))
+    except PipelineError as e:
+        log.warning("%s/%s: cached embeddings unreadable, recomputing: %s", name, split, e)
+        return False
+    if list(old[ID]) != list(df[ID]):
+        log.info("%s/%s: cached embeddings are for other lesions; recomputing", name, split)
+        return False
+    log.info("%s/%s: cached embeddings reused (%s)", name, split, path)
+    return True
 
 
 def _embedding_columns(name: str, info: dict, per_mod: dict[str, np.ndarray], views: list[str],
@@ -199,8 +216,7 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
                                          rows.split[split])
                        for m in info["modalities"]]
         paths[split] = path = folder / A.rows_file(split, rows.split[split])
-        if path.exists():
-            log.info("%s/%s: cached embeddings reused (%s)", enc["name"], split, path)
+        if _cached(path, df, enc["name"], split):
             continue
         per_mod = {m: pooled_from_trunk(tail, pool, a, frozen.device, keep_views=keep)
                    for m, a in zip(info["modalities"], acts[split])}
@@ -210,7 +226,7 @@ def extract_via_trunk(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Dat
                     "seconds": round(dt, 1), "images_per_s": round(n_img * len(views) / dt, 2),
                     "device": frozen.device, "trunk_cut": enc["cut"], "trunk_cache": str(tfolder),
                     "runtime": runtime or "cached", "threads": frozen.threads}, path.with_suffix(".json"))
-        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)
+        write_parquet(pd.concat([df[[ID]].reset_index(drop=True), pd.DataFrame(cols)], axis=1), path)  # last
         log.info("%s/%s: %d images x %d views via the trunk cache in %.0fs", enc["name"], split, n_img,
                  len(views), dt)
     return paths, acts, (tail, pool, int(model.num_features))
@@ -233,16 +249,14 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
     key = spec_key(finetune_key_parts(trunk_key(spec, enc["cut"]), ft, A.folds_sha1(cfg), classes, rows.labelled))
     folder = prep_dir(cfg) / A.FEATURES / f"{name}-{key}"
     models = None
-    if not (folder / A.cache_file("train")).exists():
+    if not _cached(folder / A.cache_file("train"), tables["train"], name, "train"):
         models = _finetune(enc, name, classes, ft, train, tables, acts, tail_pool, folder, frozen.device)
     else:
         log.info("%s: cached fine-tuned fold models and OOF logits reused (%s)", name, folder)
     src = {"train": folder / A.cache_file("train")}
     if "test" in tables:
         src["test"] = folder / A.rows_file("test", rows.split["test"])
-        if src["test"].exists():
-            log.info("%s: cached test logits of these test rows reused (%s)", name, src["test"])
-        else:
+        if not _cached(src["test"], tables["test"], name, "test"):
             folds = sorted(int(f) for f in train["fold"].unique())
             models = models or _load_fold_models(folder, folds, len(info["modalities"]), len(classes), ft,
                                                  tail_pool, frozen.device)
@@ -255,7 +269,7 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
             log.info("%s: test logits of %d lesions from the %d kept fold models", name, len(logits), len(models))
     for split, path in src.items():
         _link(path, out / A.features_file(name, split))
-        shutil.copyfile(path.with_suffix(".json"), out / A.features_file(name, split, "json"))
+        _link(path.with_suffix(".json"), out / A.features_file(name, split, "json"))
 
 
 def _load_fold_models(folder: Path, folds: list[int], n_mod: int, n_classes: int, ft: FineTune, tail_pool: tuple,
@@ -318,6 +332,8 @@ def run(cfg: dict) -> None:
     frozen = Frozen(cfg)
     torch.set_num_threads(frozen.threads)   # once, for PyTorch; ONNX Runtime sessions get the same count
     info, train, test = load_dataset(cfg)
+    for e in cfg["features"]["from_exps"]:  # before any compute: a missing or other-folds member stops here
+        A.require_same_folds(cfg, A.exp_folder(cfg, e), "features.from_exps", e)
     tables = {"train": train[[ID] + [f"path_{m}" for m in info["modalities"]]]}
     if test is not None:
         tables["test"] = test[[ID] + [f"path_{m}" for m in info["modalities"]]]
@@ -336,7 +352,7 @@ def run(cfg: dict) -> None:
             paths = extract_encoder(cfg, enc, info, tables, frozen, rows)
         for split, src in paths.items():
             _link(src, out / A.features_file(enc["name"], split))
-            shutil.copyfile(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
+            _link(src.with_suffix(".json"), out / A.features_file(enc["name"], split, "json"))
         parts[f"{enc['name']} embeddings"] = round(time.time() - t_enc, 1)
         if enc["finetune"]:
             t_ft = time.time()
@@ -345,7 +361,6 @@ def run(cfg: dict) -> None:
             parts[f"ft_{enc['name']} fine-tune"] = round(time.time() - t_ft, 1)
     if cfg["features"]["from_exps"]:
         for e in cfg["features"]["from_exps"]:
-            A.require_same_folds(cfg, A.exp_folder(cfg, e), "features.from_exps", e)
             fold_logit_features(cfg, e, info, train, test, out)
     save_config(cfg, out)
     inputs = [A.input_record(cfg, prep_dir(cfg), "prep")]
@@ -363,6 +378,8 @@ def _link(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    if tmp.exists():  # dst was already a link to src: rename() of two links to one file does nothing
+        tmp.unlink()
 
 
 # ----------------------------------------------------------------------------- tabular

@@ -13,7 +13,7 @@ import torch
 from lib.core import artifacts as A
 from lib.core.artifacts import exp_dir, fold_dir, save_config
 from lib.core.errors import MissingArtifactError, PipelineError
-from lib.core.io import ID, assert_same_ids, read_json, write_json, write_parquet
+from lib.core.io import ID, assert_same_ids, read_json, read_table, write_json, write_parquet
 from lib.core.runtime import torch_device
 from lib.data.dataset import load_dataset
 from lib.evaluation.report import cv_summary, log_cv
@@ -25,11 +25,40 @@ from lib.vision.onnx_trunk import resolve_runtime
 log = logging.getLogger(__name__)
 
 
-def fold_done(cfg: dict, k: int) -> bool:
-    """Fold k's summary.json exists, was written under this config's fold fingerprint, and its OOF exists."""
-    p = fold_dir(cfg, k) / A.FOLD_SUMMARY_JSON
-    return (p.exists() and read_json(p).get("fingerprint") == A.config_fingerprint(cfg, scope="fold")
-            and (fold_dir(cfg, k) / A.OOF).exists())
+def fold_done(cfg: dict, k: int, train: pd.DataFrame) -> bool:
+    """Fold k's train side finished with this config, on these folds (its OOF rows are fold k's lesions
+    of folds.csv) and its tables read back; otherwise (a corrupt file, folds.csv changed since) it is
+    trained again. The test side is checked apart (`test_current`): new test rows need no training."""
+    folder = fold_dir(cfg, k)
+    p = folder / A.FOLD_SUMMARY_JSON
+    if not (p.exists() and (folder / A.OOF).exists()):
+        return False
+    try:
+        if read_json(p).get("fingerprint") != A.config_fingerprint(cfg, scope="fold"):
+            return False
+        oof = read_table(folder / A.OOF, columns=[ID])
+    except PipelineError as e:
+        log.warning("fold %d is trained again: %s", k, e)
+        return False
+    if set(oof[ID]) != set(train.loc[train["fold"] == k, ID]):
+        log.warning("fold %d is trained again: its rows differ from fold %d of %s (folds.csv changed since)", k, k,
+                    A.prep_dir(cfg) / A.FOLDS)
+        return False
+    return True
+
+
+def test_current(cfg: dict, k: int, test_rows: str | None) -> bool:
+    """Fold k's test logits are of exactly these test rows and read back (True when there is no test)."""
+    if test_rows is None:
+        return True
+    if not fold_test_current(fold_dir(cfg, k), test_rows):
+        return False
+    try:
+        read_table(fold_dir(cfg, k) / A.FOLD_TEST_LOGITS, columns=[ID])
+    except PipelineError as e:
+        log.warning("fold %d: test logits recomputed: %s", k, e)
+        return False
+    return True
 
 
 def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
@@ -40,7 +69,7 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
 
     t0 = time.time()
     folds = sorted(int(f) for f in train["fold"].unique())
-    missing = [k for k in folds if not fold_done(cfg, k)]
+    missing = [k for k in folds if not fold_done(cfg, k, train)]
     if missing:
         log.info("folds %s not done yet: experiment tables not written", missing)
         return None
@@ -48,7 +77,7 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
     test_rows = test_rows or rows_key_of_test(cfg, info, test)
     parts, tests, sums = [], [], []
     for k in folds:
-        o = pd.read_parquet(fold_dir(cfg, k) / A.OOF)
+        o = read_table(fold_dir(cfg, k) / A.OOF)
         assert_same_ids(o, train[train["fold"] == k], f"fold {k} OOF vs fold rows")
         parts.append(o)
         sums.append(read_json(fold_dir(cfg, k) / A.FOLD_SUMMARY_JSON))
@@ -56,7 +85,7 @@ def aggregate(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | N
             if not fold_test_current(fold_dir(cfg, k), test_rows):
                 raise MissingArtifactError(f"{fold_dir(cfg, k) / A.FOLD_TEST_LOGITS}: not made for this prep folder's "
                                            "test rows (another test release, or missing): rerun 02_train_fold.py")
-            t = pd.read_parquet(fold_dir(cfg, k) / A.FOLD_TEST_LOGITS)
+            t = read_table(fold_dir(cfg, k) / A.FOLD_TEST_LOGITS)
             assert_same_ids(t, test, f"fold {k} test logits vs test", ordered=True)
             tests.append(probabilities(t[classes].to_numpy(), task))
     oof = pd.concat(parts, ignore_index=True).set_index(ID).loc[train[ID].to_numpy()].reset_index()
@@ -112,11 +141,11 @@ def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: in
     d = D.setup(device)
     try:
         for k in ks:
-            if not fold_done(cfg, k):
+            if not fold_done(cfg, k, train):
                 if train_fold(cfg, info, train, test, k, resume=resume, d=d, stop_after=stop_after,
                               test_rows=test_rows) is None:
                     return
-            elif test_rows is not None and not fold_test_current(fold_dir(cfg, k), test_rows):
+            elif not test_current(cfg, k, test_rows):
                 log.info("fold %d already trained with this config (%s): test logits of these test rows from its "
                          "model.pt", k, fold_dir(cfg, k))
                 refresh_test_logits(cfg, info, train, test, k, test_rows, d)

@@ -24,6 +24,7 @@ ONNX Runtime twin (`lib.vision.onnx_trunk`): both take and give tensors.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -40,6 +41,8 @@ from lib.core.io import write_json
 from lib.core.progress import progress
 from lib.vision.embed import image_batches, spec_key
 from lib.vision.tta import apply_view
+
+log = logging.getLogger(__name__)
 
 HEAD_MODULES = ("global_pool", "fc", "classifier", "head", "head_drop")
 TRUNK_FORMAT_VERSION = 2   # bump when the cached activations change meaning (2: identity in the key)
@@ -94,12 +97,23 @@ def trunk_key(enc_spec: dict, cut: str) -> str:
 
 def trunk_cached(paths: list[str], out: Path, rows: str) -> bool:
     """Whether `out` holds the activations of exactly these images (in this order) with these contents
-    (`rows`: the fingerprint of the rows, ids + image bytes)."""
+    (`rows`: the fingerprint of the rows, ids + image bytes): its .json sidecar names them and the .npy
+    reads back with one row per image. A truncated or corrupt cache is logged and recomputed, never used."""
     meta = out.with_suffix(".json")
     if not (out.exists() and meta.exists()):
         return False
-    m = json.loads(meta.read_text())
-    return m.get("paths") == list(paths) and m.get("rows") == rows
+    try:
+        m = json.loads(meta.read_text())
+        if m.get("paths") != list(paths) or m.get("rows") != rows:
+            return False
+        n = len(np.load(out, mmap_mode="r"))
+    except (OSError, ValueError, EOFError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        log.warning("%s: trunk cache unreadable, recomputing (%s)", out, str(e).splitlines()[0][:200])
+        return False
+    if n != len(paths):
+        log.warning("%s: trunk cache holds %d rows for %d images, recomputing", out, n, len(paths))
+        return False
+    return True
 
 
 @torch.no_grad()

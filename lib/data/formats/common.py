@@ -75,6 +75,10 @@ def onehot_labels(gt: pd.DataFrame, id_col: str, path: Path, known: list[str] | 
         unknown = [c for c in classes if c not in known]
         if unknown:
             raise PipelineError(f"{path}: unknown class columns {unknown}; expected {known}")
+        missing = [c for c in known if c not in classes]
+        if missing:  # named here: left to the row check, it would read as a row with no label
+            raise PipelineError(f"{path} lacks class column{'s' if len(missing) > 1 else ''} {missing} "
+                                f"(expected {known}; has {list(gt.columns)[:14]})")
         classes = [c for c in known if c in classes]
     to_numeric(gt, classes, path)
     y = gt[classes].fillna(0).to_numpy(dtype=float)
