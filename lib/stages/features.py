@@ -267,6 +267,8 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
             write_parquet(prediction_table(tables["test"][ID], logits, [f"logit_{name}_{c}" for c in classes]),
                           src["test"])
             log.info("%s: test logits of %d lesions from the %d kept fold models", name, len(logits), len(models))
+        else:
+            log.info("%s: cached test logits of these test rows reused (%s)", name, src["test"])
     for split, path in src.items():
         _link(path, out / A.features_file(name, split))
         _link(path.with_suffix(".json"), out / A.features_file(name, split, "json"))
