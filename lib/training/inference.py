@@ -199,7 +199,7 @@ def load_fold_model(path: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """A fold's model.pt -> (eval model, its saved dict with `spec` completed by `saved_spec`)."""
     if not path.exists():
         raise PipelineError(f"{path} not found: train that experiment with 02_train_fold.py first")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
     version = obj.get("format_version")
     if version is not None and version != CHECKPOINT_VERSION:
         raise MissingArtifactError(f"{path} has model format version {version} (this code reads "
