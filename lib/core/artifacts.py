@@ -121,6 +121,10 @@ def cache_file(split: str, ext: str = "parquet") -> str:
     return f"{split}.{ext}"
 
 
+TEST_BY_FOLD = "test_by_fold"   # the split name of per-fold-model test features (03): <name>_test_by_fold.parquet
+FOLD_MODEL = "fold_model"       # its column: the fold whose model made the row
+
+
 def rows_file(split: str, rows: str, ext: str = "parquet") -> str:
     """`<split>-<rows[:16]>.<ext>`: a 03 cache file named by the fingerprint of the rows it holds
     (`lib.data.dataset.table_fingerprint`), so another test release never reads it."""

@@ -30,11 +30,11 @@ from lib.training.cached_trunk import (
     FineTune,
     cross_fit,
     finetune_key_parts,
+    fold_test_logits,
     load_tail_head,
     save_tail_head,
-    mean_test_logits,
 )
-from lib.training.inference import f1_scores, fold_logit_features, prediction_table
+from lib.training.inference import f1_scores, fold_logit_features, fold_prediction_table, prediction_table
 from lib.vision import backbones
 from lib.vision.embed import (
     emb_columns,
@@ -256,22 +256,43 @@ def finetune_encoder(cfg: dict, enc: dict, info: dict, tables: dict[str, pd.Data
     src = {"train": folder / A.cache_file("train")}
     if "test" in tables:
         src["test"] = folder / A.rows_file("test", rows.split["test"])
-        if not _cached(src["test"], tables["test"], name, "test"):
-            folds = sorted(int(f) for f in train["fold"].unique())
+        src[A.TEST_BY_FOLD] = folder / A.rows_file(A.TEST_BY_FOLD, rows.split["test"])
+        folds = sorted(int(f) for f in train["fold"].unique())
+        if _cached(src["test"], tables["test"], name, "test") and _by_fold_cached(src[A.TEST_BY_FOLD], folds):
+            log.info("%s: cached test logits of these test rows reused (%s)", name, src["test"])
+        else:
             models = models or _load_fold_models(folder, folds, len(info["modalities"]), len(classes), ft,
                                                  tail_pool, frozen.device)
-            logits = mean_test_logits(models, acts["test"], frozen.device)
-            meta = {**read_json(folder / A.cache_file("train", "json")), "split": "test", "rows": rows.split["test"],
-                    "source": "mean of the fold models"}
-            write_json(meta, src["test"].with_suffix(".json"))
-            write_parquet(prediction_table(tables["test"][ID], logits, [f"logit_{name}_{c}" for c in classes]),
-                          src["test"])
-            log.info("%s: test logits of %d lesions from the %d kept fold models", name, len(logits), len(models))
-        else:
-            log.info("%s: cached test logits of these test rows reused (%s)", name, src["test"])
+            _write_test_logits(name, classes, tables["test"], fold_test_logits(models, acts["test"], frozen.device),
+                               folds, {**read_json(folder / A.cache_file("train", "json")), "rows": rows.split["test"]},
+                               src)
     for split, path in src.items():
         _link(path, out / A.features_file(name, split))
         _link(path.with_suffix(".json"), out / A.features_file(name, split, "json"))
+
+
+def _by_fold_cached(path: Path, folds: list[int]) -> bool:
+    """Whether `path` (a per-fold-model test table, named by the test rows' fingerprint) reads back
+    with rows of every fold model."""
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        return False
+    try:
+        return sorted(set(read_table(path, columns=[A.FOLD_MODEL])[A.FOLD_MODEL].astype(int))) == folds
+    except PipelineError as e:
+        log.warning("%s: unreadable, recomputing: %s", path, e)
+        return False
+
+
+def _write_test_logits(name: str, classes: list[str], test: pd.DataFrame, per_fold: list[np.ndarray],
+                       folds: list[int], meta: dict, src: dict[str, Path]) -> None:
+    """The fine-tune's test features: the mean of the fold models (`test`) and each fold model's own
+    (`test_by_fold`: fold k's stacker reads fold k's, as its validation rows came from fold model k)."""
+    cols = [f"logit_{name}_{c}" for c in classes]
+    write_json({**meta, "split": A.TEST_BY_FOLD, "source": "each fold model"}, src[A.TEST_BY_FOLD].with_suffix(".json"))
+    write_parquet(fold_prediction_table(test[ID], dict(zip(folds, per_fold)), cols), src[A.TEST_BY_FOLD])
+    write_json({**meta, "split": "test", "source": "mean of the fold models"}, src["test"].with_suffix(".json"))
+    write_parquet(prediction_table(test[ID], np.mean(per_fold, 0), cols), src["test"])
+    log.info("%s: test logits of %d lesions from the %d kept fold models", name, len(test), len(per_fold))
 
 
 def _load_fold_models(folder: Path, folds: list[int], n_mod: int, n_classes: int, ft: FineTune, tail_pool: tuple,
@@ -342,7 +363,8 @@ def run(cfg: dict) -> None:
     out = A.features_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if test is None:   # no test split now: a test table of an earlier run must not be read as this one's
-        for f in [*out.glob(A.features_file("*", "test")), *out.glob(A.features_file("*", "test", "json"))]:
+        for f in [f for split in ("test", A.TEST_BY_FOLD) for ext in ("parquet", "json")
+                  for f in out.glob(A.features_file("*", split, ext))]:
             f.unlink()
     rows = Rows(cfg, info, tables, train) if cfg["features"]["encoders"] else None
     parts: dict[str, float] = {}  # wall seconds of this run per encoder / fine-tune (the report's sub-rows)

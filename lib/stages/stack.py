@@ -22,6 +22,7 @@ from lib.core.io import (
     assert_same_ids,
     merge_on_id,
     read_json,
+    read_table,
     write_json,
     write_parquet,
 )
@@ -118,6 +119,34 @@ def add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.Da
     return out[0], out[1], new
 
 
+def test_by_fold(cfg: dict, te: pd.DataFrame | None, folds: list[int]) -> dict[int, pd.DataFrame] | None:
+    """The test table each fold's stacker predicts: `te` with every feature block that has per-fold-model
+    test features (03's `<name>_test_by_fold.parquet`: cached-trunk fine-tunes, `features.from_exps`)
+    replaced by fold k's model's own, since fold k's validation rows got theirs from fold model k (the
+    mean over fold models is a smoother input than any row the stacker was fitted on). None when no
+    block has them."""
+    if te is None:
+        return None
+    out = None
+    for name in cfg["stack"]["features"]:
+        path = A.features_dir(cfg, cfg["stack"]["features_exp"]) / A.features_file(name, A.TEST_BY_FOLD)
+        if not path.exists():
+            continue
+        table = read_table(path)
+        cols = [c for c in table.columns if c not in (ID, A.FOLD_MODEL)]
+        missing = [c for c in cols if c not in te.columns]
+        if missing:
+            raise PipelineError(f"{path}: columns {missing[:3]} are not in the test features of '{name}'")
+        out = out or {k: te.copy() for k in folds}
+        for k in folds:
+            part = table[table[A.FOLD_MODEL].astype(int) == k]
+            if part.empty:
+                raise PipelineError(f"{path}: no rows of fold model {k}; rerun 03_extract_features.py")
+            assert_same_ids(part, te, f"{path} (fold model {k}) vs the test rows", ordered=True)
+            out[k][cols] = part[cols].to_numpy()
+    return out
+
+
 def _inputs(cfg: dict) -> list[dict]:
     """Manifest records of what 04 read: the prep folder, the features folder, the OOF members."""
     s = cfg["stack"]
@@ -149,11 +178,14 @@ def run(cfg: dict) -> dict:
     s = cfg["stack"]
     model_cfg = {k: s[k] for k in STACK_DEFAULTS}
     model_cfg["renorm"] = task == "multiclass" and s["renorm"]
-    res = fit_predict_stack(tr, te, blocks, classes, model_cfg)
+    by_fold = test_by_fold(cfg, te, sorted(int(f) for f in train["fold"].unique()))
+    res = fit_predict_stack(tr, te, blocks, classes, model_cfg, test_by_fold=by_fold)
     out = exp_dir(cfg)
     _write_outputs(out, res)
     per_head = {h: R.cv_summary(train, df, classes, task) for h, df in res.per_head_oof.items()}
     stack = {"per_head": per_head, "blocks": {k: len(v) for k, v in blocks.items()},
+             "test_inputs": "each fold's stacker reads its fold models' test features" if by_fold
+             else "the same test features for every fold's stacker",
              "seconds": round(time.time() - t0, 1)}
     cv = A.cv_document("stack", cfg["exp"], task, R.cv_summary(train, res.oof, classes, task), stack=stack)
     write_json(cv, out / A.CV)

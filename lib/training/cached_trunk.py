@@ -151,10 +151,15 @@ def cross_fit(tail: nn.Module, pool: nn.Module, n_features: int, acts: list[np.n
     return oof, (np.mean(tests, 0) if tests else None), {"fold_seconds": secs}
 
 
+def fold_test_logits(models: list[TailHead], test_acts: list[np.ndarray], device: str) -> list[np.ndarray]:
+    """Each fold model's (in fold order) view-averaged test logits `[N, K]`."""
+    rows = np.arange(len(test_acts[0]))
+    return [predict(m, test_acts, rows, device) for m in models]
+
+
 def mean_test_logits(models: list[TailHead], test_acts: list[np.ndarray], device: str) -> np.ndarray:
     """Test logits `[N, K]`: the mean over the fold models (in fold order) of their view-averaged logits."""
-    rows = np.arange(len(test_acts[0]))
-    return np.mean([predict(m, test_acts, rows, device) for m in models], 0)
+    return np.mean(fold_test_logits(models, test_acts, device), 0)
 
 
 def save_tail_head(model: TailHead, path: Path) -> None:

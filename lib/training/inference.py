@@ -19,10 +19,12 @@ from torch import nn
 
 from lib.core.artifacts import (
     CHECKPOINT_VERSION,
+    FOLD_MODEL,
     FOLD_ONNX,
     FOLD_TEST_LOGITS,
     FOLD_TEST_ROWS,
     OOF,
+    TEST_BY_FOLD,
     features_file,
     fold_dir,
 )
@@ -172,6 +174,17 @@ def prediction_table(ids, values: np.ndarray, cols: list[str]) -> pd.DataFrame:
                       pd.DataFrame(np.asarray(values, np.float64), columns=cols)], axis=1)
 
 
+def fold_prediction_table(ids, per_fold: dict[int, np.ndarray], cols: list[str]) -> pd.DataFrame:
+    """Test features of each fold model, stacked fold by fold: lesion_id, `fold_model`, `cols` (the
+    stacker of fold k reads fold k's rows: `lib.stages.stack.test_by_fold`)."""
+    parts = []
+    for k, values in per_fold.items():
+        t = prediction_table(ids, values, cols)
+        t.insert(1, FOLD_MODEL, int(k))
+        parts.append(t)
+    return pd.concat(parts, ignore_index=True)
+
+
 def rows_key_of_test(cfg: dict, info: dict, test: pd.DataFrame | None) -> str | None:
     """The key of a fold model's test logits: the test rows' ids, image contents (every modality) and
     the other inputs a model reads (`meta_*`, `monet_*`); None without test rows."""
@@ -248,6 +261,10 @@ def fold_logit_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, te
         write_parquet(prediction_table(test[ID], np.mean(tests, 0), cols), paths["test"])
         write_json({**meta, "split": "test", "n": len(test), "source": "mean of the fold models' test logits"},
                    out_dir / features_file(exp, "test", "json"))
+        paths[TEST_BY_FOLD] = out_dir / features_file(exp, TEST_BY_FOLD)
+        write_parquet(fold_prediction_table(test[ID], dict(zip(folds, tests)), cols), paths[TEST_BY_FOLD])
+        write_json({**meta, "split": TEST_BY_FOLD, "n": len(test), "source": "each fold model's test logits"},
+                   out_dir / features_file(exp, TEST_BY_FOLD, "json"))
     log.info("%s: fold-model logits (%d classes) for %d train%s lesions", exp, len(cols), len(train),
              "" if not tests else f" + {len(test)} test")
     return paths

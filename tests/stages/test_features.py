@@ -156,6 +156,14 @@ def test_cut_encoder_fine_tunes_on_its_trunk_cache(prepared: Path, caplog: pytes
     assert list(ft_tr["lesion_id"]) == list(train["lesion_id"]) and list(ft_te["lesion_id"]) == list(test["lesion_id"])
     assert list(ft_tr.columns[1:]) == [f"logit_ft_tiny_{c}" for c in info["classes"]]
     assert ft_tr.iloc[:, 1:].notna().all().all() and ft_tr.iloc[:, 1:].std().sum() > 0
+    # each fold model's own test logits (the stacker of fold k reads fold k's); their mean is the test table
+    by_fold = pd.read_parquet(f / "ft_tiny_test_by_fold.parquet")
+    folds = sorted(int(k) for k in train["fold"].unique())
+    assert sorted(by_fold["fold_model"].unique()) == folds and len(by_fold) == len(folds) * len(test)
+    assert all(list(g["lesion_id"]) == list(test["lesion_id"]) for _, g in by_fold.groupby("fold_model"))
+    lg = list(ft_te.columns[1:])
+    stacked = np.stack([g[lg].to_numpy() for _, g in by_fold.groupby("fold_model")])
+    assert np.allclose(stacked.mean(0), ft_te[lg].to_numpy(), atol=1e-6) and stacked.std(0).max() > 0
     meta = read_json(f / "ft_tiny_train.json")
     assert meta["cut"] == "conv_head" and len(meta["fold_seconds"]) == train["fold"].nunique()
     caches = sorted(p.name for p in next((prepared / "prep").rglob("trunks/tiny-*")).iterdir())

@@ -89,3 +89,34 @@ def test_patient_features_need_grouped_folds_and_test_patients():
     te = pd.DataFrame({"lesion_id": ["t"]})
     with pytest.raises(PipelineError, match="test table has no patient column"):
         stack.add_patient_features({}, {"group": "group"}, tr, te, tr, te, {})
+
+
+def test_each_fold_stacker_reads_its_fold_models_test_features(preps: Path) -> None:
+    """03's `<name>_test_by_fold.parquet` (fine-tunes, from_exps) reaches 04: fold k's stacker gets fold
+    model k's test features (issue 27 item 3); without the table every fold gets the mean table."""
+    cfg0 = stage_cfg(preps, "x")
+    folder = _fake_features(cfg0, "s_byfold", name="fb")
+    _, train, test = load_dataset(cfg0)
+    folds = sorted(int(f) for f in train["fold"].unique())
+    mean = pd.read_parquet(folder / A.features_file("fb", "test"))
+    cols = [c for c in mean.columns if c != ID]
+    parts = []
+    for k in folds:  # fold model k's own test features: the mean + a fold-specific offset
+        t = mean.copy()
+        t[cols] = t[cols].to_numpy() + 100.0 * (k + 1)
+        t.insert(1, A.FOLD_MODEL, k)
+        parts.append(t)
+    cfg = stage_cfg(preps, "s_byfold_stack", *FAST, "stack.features=[fb]", "stack.features_exp=s_byfold")
+    assert stack.test_by_fold(cfg, mean, folds) is None  # no per-fold table: the mean for every fold
+    write_parquet(pd.concat(parts, ignore_index=True), folder / A.features_file("fb", A.TEST_BY_FOLD))
+    by_fold = stack.test_by_fold(cfg, mean, folds)
+    assert sorted(by_fold) == folds
+    for k in folds:
+        assert np.allclose(by_fold[k][cols].to_numpy() - mean[cols].to_numpy(), 100.0 * (k + 1))
+        assert list(by_fold[k][ID]) == list(test[ID])
+    cv = stack.run(cfg)
+    assert cv["stack"]["test_inputs"].startswith("each fold's stacker reads its fold models'")
+    bad = pd.concat(parts[:-1], ignore_index=True)  # the last fold model's rows are missing
+    write_parquet(bad, folder / A.features_file("fb", A.TEST_BY_FOLD))
+    with pytest.raises(PipelineError, match=f"no rows of fold model {folds[-1]}"):
+        stack.test_by_fold(cfg, mean, folds)

@@ -92,6 +92,14 @@ def test_all_folds_aggregate_skip_and_features(prep, tmp_path):
     mean_logits = np.mean([pd.read_parquet(root / f"fold{k}" / "test_logits.parquet")[classes].to_numpy()
                            for k in folds], 0)
     np.testing.assert_allclose(fte[cols].to_numpy(), mean_logits, atol=1e-9)
+    # each fold model's own test logits, for fold k's stacker (issue 27 item 3)
+    by_fold = pd.read_parquet(out / "t_all_test_by_fold.parquet")
+    for k in folds:
+        own = by_fold[by_fold["fold_model"] == k]
+        assert list(own["lesion_id"]) == list(test["lesion_id"])
+        np.testing.assert_allclose(own[cols].to_numpy(),
+                                   pd.read_parquet(root / f"fold{k}" / "test_logits.parquet")[classes].to_numpy(),
+                                   atol=1e-9)
 
 
 def test_resume_equals_straight_run(prep, tmp_path):
