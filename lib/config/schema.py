@@ -185,7 +185,7 @@ STACK_SPEC: dict[str, Any] = {
     "imbalance": Choice("balanced", IMBALANCE),    # balanced (scale_pos_weight / is_unbalance) | none
     "renorm": Bool(True),                 # multiclass rows sum to 1 (always off for multilabel / binary tasks)
     "patient_features": Bool(False),      # ISIC 2024 style: numeric metadata and member OOF scores relative to
-                                          # the other rows of the same group (patient), see lib.features
+                                          # the other rows of the same group (patient), see lib.tabular.patient
     "xgb": {
         "n_estimators": Int(1000, min=1), "learning_rate": Float(0.05, gt=0), "max_depth": Int(4, min=0),
         "subsample": Float(0.8, gt=0, max=1), "colsample_bytree": Float(0.5, gt=0, max=1),

@@ -1,4 +1,4 @@
-"""lib.metrics against the official isic-challenge-scoring package and hand-computed cases."""
+"""lib.evaluation.metrics against the official isic-challenge-scoring package and hand-computed cases."""
 from __future__ import annotations
 
 import numpy as np

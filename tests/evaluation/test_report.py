@@ -1,4 +1,4 @@
-"""lib.report: CV summary and the run report (report.md + PNGs) on synthetic OOF data."""
+"""lib.evaluation.report: CV summary and the run report (report.md + PNGs) on synthetic OOF data."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""lib.submission: official-format layout, every validation rule, nothing written on error,
+"""lib.evaluation.submission: official-format layout, every validation rule, nothing written on error,
 values just above 0.5 survive the CSV round trip."""
 from __future__ import annotations
 
