@@ -220,3 +220,14 @@ def load_file(path: Path, name: str | None = None) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def shifted_case(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray]:
+    """(one-hot truth, probabilities) of a 3-class case whose good per-class cuts are far from 0.5
+    (class 0 low, class 2 high): the threshold, remap and decision tests' shared data."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, n, p=[0.2, 0.5, 0.3])
+    truth = np.eye(3)[labels]
+    centre = np.array([[0.15, 0.35], [0.35, 0.65], [0.6, 0.85]])  # (negative, positive) means
+    probs = np.clip(centre[:, 0] + truth * (centre[:, 1] - centre[:, 0]) + rng.normal(0, 0.1, (n, 3)), 0, 1)
+    return truth, probs

@@ -10,36 +10,27 @@ import pytest
 from lib.core.errors import PipelineError
 from lib.evaluation import decision as D
 from lib.evaluation import metrics as M
+from tests.helpers import shifted_case
 
 CLASSES = ["A", "B", "C"]
 
 
-def _shifted_case(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray]:
-    """Multiclass case whose good per-class cuts are far from 0.5 (class 0 low, class 2 high)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.choice(3, n, p=[0.2, 0.5, 0.3])
-    Y = M.to_onehot(labels, 3)
-    centre = np.array([[0.15, 0.35], [0.35, 0.65], [0.6, 0.85]])  # (negative, positive) means
-    P = np.clip(centre[:, 0] + Y * (centre[:, 1] - centre[:, 0]) + rng.normal(0, 0.1, (n, 3)), 0, 1)
-    return Y, P
-
-
 def test_tuned_thresholds_beat_half():
-    Y, P = _shifted_case()
+    Y, P = shifted_case()
     t = D.tune_thresholds(Y, P)
     assert M.macro_dice(Y, P, t) > M.macro_dice(Y, P) + 0.1
     assert t[0] < 0.4 and t[2] > 0.6
 
 
 def test_per_class_tuning_is_the_joint_optimum():
-    Y, P = _shifted_case(1, n=200)
+    Y, P = shifted_case(1, n=200)
     grid = np.linspace(0.05, 0.95, 19)
     joint = max(M.macro_dice(Y, P, np.array(ts)) for ts in itertools.product(grid, repeat=3))
     assert M.macro_dice(Y, P, D.tune_thresholds(Y, P, grid, min_positives=1)) == pytest.approx(joint)
 
 
 def test_dice_curve_matches_dice_per_class():
-    Y, P = _shifted_case(2, n=150)
+    Y, P = shifted_case(2, n=150)
     P = np.round(P, 2)  # values exactly on grid points
     grid = D.threshold_grid()
     curve = D.dice_curve(Y[:, 1], P[:, 1], grid)
@@ -48,7 +39,7 @@ def test_dice_curve_matches_dice_per_class():
 
 
 def test_few_positives_and_shrink_guards():
-    Y, P = _shifted_case()
+    Y, P = shifted_case()
     Y[:, 0], Y[:4, 0] = 0.0, 1.0  # class 0: 4 positives
     t = D.tune_thresholds(Y, P, min_positives=10)
     assert t[0] == 0.5 and t[2] != 0.5
@@ -93,7 +84,7 @@ def test_argmax_remap_gives_argmax_decisions():
 
 
 def test_foldwise_honest_cv_not_above_tuned():
-    Y, P = _shifted_case(3, n=500)
+    Y, P = shifted_case(3, n=500)
     P = np.clip(P + np.random.default_rng(3).normal(0, 0.15, P.shape), 0, 1)  # noisy: overfit shows
     folds = np.arange(len(Y)) % 5
     r = D.foldwise_threshold_spread(Y, P, folds, CLASSES, min_positives=1)

@@ -9,18 +9,9 @@ from lib.core.errors import PipelineError
 from lib.evaluation import decision as D
 from lib.evaluation import ensemble as E
 from lib.evaluation import metrics as M
+from tests.helpers import shifted_case
 
 CLASSES = ["A", "B", "C"]
-
-
-def _shifted_case(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray]:
-    """Multiclass case whose good per-class cuts are far from 0.5 (class 0 low, class 2 high)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.choice(3, n, p=[0.2, 0.5, 0.3])
-    Y = M.to_onehot(labels, 3)
-    centre = np.array([[0.15, 0.35], [0.35, 0.65], [0.6, 0.85]])  # (negative, positive) means
-    P = np.clip(centre[:, 0] + Y * (centre[:, 1] - centre[:, 0]) + rng.normal(0, 0.1, (n, 3)), 0, 1)
-    return Y, P
 
 
 def _table(P: np.ndarray, ids: list[str]) -> pd.DataFrame:
@@ -47,7 +38,7 @@ def test_blend_values_weights_and_alignment():
 
 
 def _oof_models(seed: int = 0, n: int = 400):
-    Y, P = _shifted_case(seed, n)
+    Y, P = shifted_case(seed, n)
     rng = np.random.default_rng(seed)
     noise = rng.dirichlet(np.ones(3), n)
     ids = [f"IL_{i:04d}" for i in range(n)]
