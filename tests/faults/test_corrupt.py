@@ -53,9 +53,9 @@ CASES = [
      "recomputed"),
     ("fold test logits emptied, 02 rerun", ALL[:2], "02", "sample_fusion/fold2/test_logits.parquet", "empty", (),
      "recomputed"),
-    ("embedding cache parquet cut short, 03 rerun", ALL[:3], "03", f"{PREP}/features/lite0-*/train.parquet",
+    ("embedding cache parquet cut short, 03 rerun", ALL[:3], "03", f"{PREP}/features/lite0-*/train-*.parquet",
      "truncate", (), "recomputed"),
-    ("embedding cache .json cut short, 03 rerun", ALL[:3], "03", f"{PREP}/features/lite0-*/test.json",
+    ("embedding cache .json cut short, 03 rerun", ALL[:3], "03", f"{PREP}/features/lite0-*/test-*.json",
      "truncate", (), "recomputed"),
     ("prepared train.parquet cut short, 02", ALL[:1], "02", f"{PREP}/train.parquet", "truncate", (), "refused"),
     ("folds.csv emptied, 03", ALL[:1], "03", f"{PREP}/folds.csv", "empty", (), "refused"),
@@ -163,7 +163,7 @@ def test_truncated_trunk_cache_is_recomputed(reference, tmp_path):
     npy = sorted((out / PREP / "trunks").rglob("train_dermoscopic.npy"))
     assert len(npy) == 1
     truncate(npy[0], 0.3)
-    emb = only(out, f"{PREP}/features/lite0-*/train.parquet")
+    emb = only(out, f"{PREP}/features/lite0-*/train-*.parquet")
     emb.unlink()  # the embeddings are recomputed from the trunk cache, which must be read again
     r = run_stage("03", out, enc)
     diff = differences(first, snapshot(out))
