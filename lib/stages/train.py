@@ -134,7 +134,8 @@ def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: in
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     device = torch_device(cfg)
-    resolve_runtime(cfg["features"]["runtime"], device)   # the finished folds' OOF/test engine: bad value -> stop now
+    if not D.launched():   # the finished folds' OOF/test engine: bad value -> stop now (torchrun ranks keep PyTorch)
+        resolve_runtime(cfg["features"]["runtime"], device)
     info, train, test = load_dataset(cfg)
     ks = selected_folds(cfg, train, fold)
     test_rows = rows_key_of_test(cfg, info, test)

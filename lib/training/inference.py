@@ -158,12 +158,14 @@ def finished_forward(model: nn.Module, cfg: dict, folder: Path, d: D.Dist, amp_d
     onnxruntime on this device, in one process (under torchrun each rank keeps PyTorch) and in
     float32 (an autocast `train.amp` keeps PyTorch); else the model itself. ONNX Runtime gets
     `threads`, or the cores left by the `workers` decoding processes."""
+    if d.enabled:   # under torchrun each rank keeps PyTorch: never load onnxruntime there
+        log.info("finished-model passes run in PyTorch (torchrun: one per rank)")
+        return model
     runtime = resolve_runtime(cfg["features"]["runtime"], d.device)
     if runtime != "onnxruntime":
         return model
-    if d.enabled or amp_dtype is not None:
-        log.info("finished-model passes run in PyTorch (%s)", "torchrun: one per rank" if d.enabled else
-                 f"autocast {amp_dtype}")
+    if amp_dtype is not None:
+        log.info("finished-model passes run in PyTorch (autocast %s)", amp_dtype)
         return model
     threads = int(cfg["threads"]) or max(1, cpu_count() - int(workers))
     return FinishedModel(model, folder, threads, spec)

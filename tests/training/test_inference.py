@@ -137,6 +137,23 @@ def test_when_the_finished_pass_stays_on_torch() -> None:
     assert TI.finished_forward(model, cfg, ".", D.Dist(device="cuda"), None, 0, SPEC) is model  # auto on CUDA
 
 
+def test_torchrun_ranks_never_load_onnxruntime(monkeypatch) -> None:
+    """Under torchrun the ranks keep PyTorch and must not even import onnxruntime (an unused ONNX Runtime
+    in a gloo rank aborted at exit under load): with the import made to fail, nothing raises."""
+    import builtins
+    real = builtins.__import__
+
+    def no_ort(name, *a, **kw):
+        if name == "onnxruntime":
+            raise ImportError("planted: onnxruntime must not be imported here")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    model = _model("single_no_tab")
+    cfg = {"features": {"runtime": "onnxruntime"}, "threads": 0}
+    assert TI.finished_forward(model, cfg, ".", D.Dist(world=2), None, 0, SPEC) is model
+
+
 def test_oof_and_test_tables_equal_the_torch_path(prep, tmp_path, caplog) -> None:
     """The sample recipe's model kind (concat fusion, shared encoder, metadata + MONET), two epochs
     validated each: the first validation stays on PyTorch (weights still change), the last one is the
