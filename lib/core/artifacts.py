@@ -82,6 +82,7 @@ HEADS = "heads"
 # 05
 SUBMISSION = "submission.csv"
 THRESHOLDS = "thresholds.json"
+DEPLOYMENT = "deployment.json"     # what 05 applies to test predictions: members, weights, priors, rule, thresholds
 REPORT = "report.md"
 REPORT_DIR = "report"
 FIG_CONFUSION = "confusion.png"      # report/ figures
@@ -89,6 +90,12 @@ FIG_F1 = "f1_per_class.png"
 FIG_THRESHOLDS = "threshold_curves.png"
 FIG_TRAINING = "training_curves.png"
 FIG_CV_SPREAD = "cv_spread.png"
+# bundles (tools/export_bundle.py writes one, 06_predict.py reads it; lib/core/bundle.py: bundle.json)
+BUNDLE_MODEL = "model.safetensors"   # <bundle>/<exp>/fold{k}/: a fold model's weights (02)
+BUNDLE_MODEL_JSON = "model.json"     # ... and what rebuilds it (model config, arguments, spec, tabular state)
+BUNDLE_PREP = "prep"                 # <bundle>/prep/: dataset.json, meta_encoders.json, config.yaml (01)
+PREDICT_JSON = "predict.json"        # <output>/<exp>/ of 06: the bundle, the release, times
+BUNDLE_ENCODER = "encoder.json"      # <bundle>/<exp>/features/<enc>/: the encoder's spec and identity (03)
 
 CV_SCHEMA_VERSION = 1
 CHECKPOINT_VERSION = 1               # `format_version` of fold{k}/checkpoint.pt and model.pt
@@ -104,6 +111,7 @@ STAGES = {  # stage name -> (number, script)
     "features": ("03", "03_extract_features.py"),
     "stack": ("04", "04_stack.py"),
     "submit": ("05", "05_submit.py"),
+    "predict": ("06", "06_predict.py"),
 }
 # config keys that change how fast or where a stage runs, not what it computes (not fingerprinted)
 RUNTIME_KEYS = ("exp", "device", "threads", "paths", "cache.workers", "features.workers", "features.batch_size",

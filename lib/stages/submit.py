@@ -74,12 +74,13 @@ def _decide(s: dict, task: str, res: dict, honest: dict) -> dict:
             "expected_score_nesting": honest["nesting"][key]}
 
 
-def _submission(cfg: dict, info: dict, test: pd.DataFrame, te: pd.DataFrame, decision: str, thr: np.ndarray,
-                out: Path) -> None:
-    """Bake the decision into the blended test probabilities and write the validated submission.csv."""
+def write_test_submission(cfg: dict, info: dict, test: pd.DataFrame, te: pd.DataFrame, dep: dict, out: Path) -> None:
+    """Bake the deployment's decision into the blended test probabilities `te` and write the validated
+    submission.csv (05, and the predict path of a bundle)."""
     classes = info["classes"]
+    thr = np.array([dep["thresholds"][c] for c in classes])
     final = te.copy()
-    final[classes] = D.bake(te[classes].to_numpy(float), decision, thr)
+    final[classes] = D.bake(te[classes].to_numpy(float), dep["decision"], thr)
     key = cfg["data"]["generic"]["id_col"] if info["format"] == "generic" else None
     sub = build_submission(final, classes, info["format"], info["task"], key)
     write_submission(sub, test[ID].astype(str).tolist(), out / A.SUBMISSION)
@@ -132,13 +133,10 @@ def run(cfg: dict) -> dict:
     w, weights_info, per_fold = ensemble.blend_weights(oofs, train, names, [m["weight"] for m in s["members"]],
                                                        s["optimize_weights"], s["blend_metric"], task, s["blend"])
     oof = ensemble.blend(oofs, w, method=s["blend"])
-    te = ensemble.blend(tests, w, method=s["blend"]) if test is not None else None
     tau = D.adjust_tau(s["logit_adjust_tau"], task)
+    y = train[[f"y_{c}" for c in classes]].to_numpy()
     if tau:  # the deployment: priors from all training labels
-        adjust = D.logit_adjuster(tau, train[[f"y_{c}" for c in classes]].to_numpy())
-        oof[classes] = adjust(oof[classes].to_numpy())
-        if te is not None:
-            te[classes] = adjust(te[classes].to_numpy())
+        oof[classes] = D.logit_adjuster(tau, y)(oof[classes].to_numpy())
     metrics = R.cv_summary(train, oof, classes, task, weights="not nested" if per_fold is not None else "fixed",
                            priors="not nested" if tau else None, rule_chosen=D.rule_is_chosen(s["decision"], task))
     honest, res = _honest(s, task, classes, oofs, train, w, per_fold, tau)
@@ -146,6 +144,8 @@ def run(cfg: dict) -> dict:
     decision = chosen["decision"]
     thr = np.array([metrics["thresholds"][c] for c in classes])
     members = [{"exp": n, "weight": float(x)} for n, x in zip(names, w)]
+    dep = ensemble.deployment(classes, task, names, w, s["blend"], tau, y, decision, metrics["thresholds"])
+    te = ensemble.deployed_probs(dep, tests) if test is not None else None
     cv = A.cv_document("submit", cfg["exp"], task, metrics, submit={
         "members": members, "weights": weights_info, **chosen, "honest_cv": honest})
     write_parquet(oof, out / A.OOF)
@@ -153,11 +153,12 @@ def run(cfg: dict) -> dict:
         write_parquet(te, out / A.TEST)
         cv["submit"]["fold_average_gap"] = ensemble.fold_average_gap(
             oof[classes].to_numpy(), te[classes].to_numpy(), thr, classes)
-        _submission(cfg, info, test, te, decision, thr, out)
+        write_test_submission(cfg, info, test, te, dep, out)
     else:
         log.warning("no test split: OOF blend and CV only, no submission.csv")
     write_json({"decision": decision, "thresholds": metrics["thresholds"], "note": D.NOTES[decision]},
                out / A.THRESHOLDS)
+    write_json(dep, out / A.DEPLOYMENT)
     write_json(cv, out / A.CV)
     save_config(cfg, out)
     inputs = [A.input_record(cfg, A.prep_dir(cfg), "prep")]
