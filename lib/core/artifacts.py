@@ -15,7 +15,7 @@ Layout (every path below `paths.output`, `<prep>` = `paths.prep`):
 - `<exp>/features/` (03): <enc>_<split>.parquet + .json, config.yaml, manifest.json
 - `<exp>/`   (04): oof.parquet, test.parquet, cv.json, importance.parquet, heads/, config.yaml, manifest.json
 - `<exp>/`   (05): oof.parquet, test.parquet (blended probabilities), submission.csv, thresholds.json,
-  cv.json, report.md, report/*.png, config.yaml, manifest.json
+  cv.json, report.md, report/*.png, model_card.json, model_card.md, config.yaml, manifest.json
 
 A manifest records the stage, the config fingerprint, the sha1 of the folds.csv used, the folders it
 read (with their fingerprints), the UTC time, the stage's wall seconds, the library versions and
@@ -90,6 +90,9 @@ FIG_F1 = "f1_per_class.png"
 FIG_THRESHOLDS = "threshold_curves.png"
 FIG_TRAINING = "training_curves.png"
 FIG_CV_SPREAD = "cv_spread.png"
+FIG_SUBGROUPS = "subgroups.png"      # report/: the model card's per-subgroup forest plot
+MODEL_CARD_JSON = "model_card.json"  # 05: what the model was trained on and how it measures, per subgroup
+MODEL_CARD_MD = "model_card.md"
 # bundles (tools/export_bundle.py writes one, 06_predict.py reads it; lib/core/bundle.py: bundle.json)
 BUNDLE_MODEL = "model.safetensors"   # <bundle>/<exp>/fold{k}/: a fold model's weights (02)
 BUNDLE_MODEL_JSON = "model.json"     # ... and what rebuilds it (model config, arguments, spec, tabular state)

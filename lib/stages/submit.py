@@ -12,10 +12,11 @@ import pandas as pd
 from lib.core import artifacts as A
 from lib.core.artifacts import exp_dir, load_member, save_config
 from lib.core.errors import PipelineError
-from lib.core.io import ID, read_json, write_json, write_parquet
+from lib.core.io import ID, read_json, write_json, write_parquet, write_text
 from lib.data.dataset import load_dataset
 from lib.evaluation import decision as D
 from lib.evaluation import ensemble
+from lib.evaluation import model_card as MC
 from lib.evaluation import report as R
 from lib.evaluation.bootstrap import bootstrap_ranking, nested_uncertainty
 from lib.evaluation.submission import build_submission, write_submission
@@ -160,6 +161,12 @@ def run(cfg: dict) -> dict:
                out / A.THRESHOLDS)
     write_json(dep, out / A.DEPLOYMENT)
     write_json(cv, out / A.CV)
+    enc_path = A.prep_dir(cfg) / A.META_ENCODERS  # the model card: per-class and per-subgroup figures on OOF rows
+    _, oof_p, _ = R.oof_arrays(train, oof, classes)
+    card = MC.build_model_card(train, oof_p, D.apply_rule(oof_p, decision, thr), classes, task, cv, info,
+                               read_json(enc_path) if enc_path.exists() else {}, seed=int(cfg["seed"]))
+    write_json(card, out / A.MODEL_CARD_JSON)
+    write_text(MC.card_markdown(card), out / A.MODEL_CARD_MD)
     save_config(cfg, out)
     inputs = [A.input_record(cfg, A.prep_dir(cfg), "prep")]
     inputs += [A.input_record(cfg, A.exp_folder(cfg, n), "member") for n in names]
@@ -169,6 +176,6 @@ def run(cfg: dict) -> dict:
                                                "wall_seconds": time.time() - t0}]
         R.write_report(out, train, oof, classes, _headline(metrics, honest, chosen), metrics["thresholds"],
                        decision, _member_rows(cfg, names, w), R.load_histories(Path(cfg["paths"]["output"]), names),
-                       title=f"{cfg['exp']}: submission report", task=task, stage_times=times)
+                       title=f"{cfg['exp']}: submission report", task=task, stage_times=times, card=card)
     A.write_manifest(cfg, out, "submit", inputs, time.time() - t0)
     return cv
