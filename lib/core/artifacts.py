@@ -94,6 +94,7 @@ FIG_SUBGROUPS = "subgroups.png"      # report/: the model card's per-subgroup fo
 MODEL_CARD_JSON = "model_card.json"  # 05: what the model was trained on and how it measures, per subgroup
 MODEL_CARD_MD = "model_card.md"
 # bundles (tools/export_bundle.py writes one, 06_predict.py reads it; lib/core/bundle.py: bundle.json)
+BUNDLE_JSON = "bundle.json"          # <bundle>/: versions, recipe, CV figures, every file with its sha256
 BUNDLE_MODEL = "model.safetensors"   # <bundle>/<exp>/fold{k}/: a fold model's weights (02)
 BUNDLE_MODEL_JSON = "model.json"     # ... and what rebuilds it (model config, arguments, spec, tabular state)
 BUNDLE_PREP = "prep"                 # <bundle>/prep/: dataset.json, meta_encoders.json, config.yaml (01)

@@ -15,10 +15,10 @@ import hashlib
 import os
 from pathlib import Path
 
+from lib.core.artifacts import BUNDLE_JSON
 from lib.core.errors import PipelineError
 from lib.core.io import read_json
 
-BUNDLE_JSON = "bundle.json"
 BUNDLE_FORMAT_VERSION = 1
 SAFE_SUFFIXES = (".json", ".yaml", ".md", ".png", ".safetensors", ".ubj", ".txt", ".csv")
 CODE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".npy", ".npz", ".bin", ".ckpt")
