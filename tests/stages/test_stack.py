@@ -2,6 +2,7 @@
 and OOF members / features refused when made on another folds.csv or before manifests existed."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,15 @@ def test_rerun_on_same_training_inputs_predicts_with_the_saved_stackers(preps: P
     assert np.abs(_probs(out / A.TEST) - first).max() < 1e-6
     assert np.array_equal(_probs(out / A.TEST), first)            # the fault battery compares reruns exactly
     assert (out / A.OOF).stat().st_mtime_ns == oof_mtime          # the OOF side is kept
+    arrays = out / A.STACKER_DIR / A.fold_name(0) / A.STACKER_ARRAYS
+    good = arrays.read_bytes()
+    arrays.write_bytes(good[: len(good) // 2])                      # a corrupt stacker is refitted, never used
+    with pytest.raises(AssertionError, match="fit_predict_stack called"):
+        stack.run(cfg)
+    assert "cannot reuse the fitted stackers" in caplog.text
+    arrays.write_bytes(good)                                        # restored (the refit removed stacker.json)
+    (out / A.STACKER_DIR / A.STACKER_JSON).write_text(json.dumps(doc))
+    stack.run(cfg)                                                  # reused again
     make_member(stage_cfg(preps, "x"), "s_re_m", seed=2)           # the member's OOF changed: refit
     with pytest.raises(AssertionError, match="fit_predict_stack called"):
         stack.run(cfg)
