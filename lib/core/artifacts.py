@@ -13,7 +13,8 @@ Layout (every path below `paths.output`, `<prep>` = `paths.prep`):
   test_logits.parquet + test_logits.json (the fingerprint of the test rows they are for),
   summary.json, config.yaml); oof.parquet, test.parquet, cv.json, config.yaml, manifest.json
 - `<exp>/features/` (03): <enc>_<split>.parquet + .json, config.yaml, manifest.json
-- `<exp>/`   (04): oof.parquet, test.parquet, cv.json, importance.parquet, heads/, config.yaml, manifest.json
+- `<exp>/`   (04): oof.parquet, test.parquet, cv.json, importance.parquet, heads/, config.yaml, manifest.json,
+  stacker/ (the fitted stackers: stacker.json + fold{k}/arrays.safetensors and boosters, `stacker_model_file`)
 - `<exp>/`   (05): oof.parquet, test.parquet (blended probabilities), submission.csv, thresholds.json,
   cv.json, report.md, report/*.png, model_card.json, model_card.md, config.yaml, manifest.json
 
@@ -79,6 +80,12 @@ WEIGHTS_SHA256 = "weights_sha256.json"  # <prep>/: sha256 of resolved weights fi
 # 04
 IMPORTANCE = "importance.parquet"
 HEADS = "heads"
+# 04 fitted stackers (lib.tabular.stacker_io): <exp>/stacker/stacker.json + fold{k}/ (arrays, boosters)
+STACKER_DIR = "stacker"
+STACKER_JSON = "stacker.json"        # format version, fingerprint of the training inputs, the layout, file names
+STACKER_ARRAYS = "arrays.safetensors"  # fold{k}/: imputer / scaler / PCA / logistic regression arrays
+STACKER_FORMAT_VERSION = 1           # `format_version` of stacker.json
+STACKER_MODEL_EXT = {"xgb": "ubj", "lgbm": "txt"}  # XGBoost's UBJSON, LightGBM's text model format
 # 05
 SUBMISSION = "submission.csv"
 THRESHOLDS = "thresholds.json"
@@ -158,6 +165,11 @@ def head_file(kind: str, head: str) -> str:
     return f"{kind}_{head}.parquet"
 
 
+def stacker_model_file(head: str, seed_index: int, class_index: int) -> str:
+    """`<head>_s<seed index>_c<class index>.<ubj|txt>`: one binary booster of a fitted stacker (fold{k}/)."""
+    return f"{head}_s{seed_index}_c{class_index}.{STACKER_MODEL_EXT[head]}"
+
+
 def fold_name(k: int) -> str:
     return f"fold{k}"
 
@@ -203,7 +215,8 @@ def config_fingerprint(cfg: dict, scope: str = "experiment") -> str:
     checkpoint.pt, model.pt and summary.json, see lib/training/fold.py): only what decides one fold
     model: `train`, `seed`, the folds settings, the data format and the prep folder the fold read
     (a path, so a runtime key for a manifest but the fold's input here); the other sections
-    (features, stack, submit) do not invalidate a trained fold."""
+    (features, stack, submit) do not invalidate a trained fold. scope `stack` (04's fitted stackers):
+    the `stack` section and the top-level `seed`."""
     c = copy.deepcopy(cfg)
     for key in RUNTIME_KEYS:
         *parents, last = key.split(".")
@@ -215,8 +228,10 @@ def config_fingerprint(cfg: dict, scope: str = "experiment") -> str:
     if scope == "fold":
         c = {"train": c["train"], "seed": c["seed"], "prep": str(cfg["paths"]["prep"]), "folds": c["folds"],
              "format": c["data"]["format"]}
+    elif scope == "stack":
+        c = {"stack": c["stack"], "seed": c["seed"]}
     elif scope != "experiment":
-        raise ValueError(f"unknown fingerprint scope {scope!r} (experiment | fold)")
+        raise ValueError(f"unknown fingerprint scope {scope!r} (experiment | fold | stack)")
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -446,3 +461,20 @@ def load_member(cfg: dict, exp: str, train: pd.DataFrame, test: pd.DataFrame | N
         assert_same_ids(test, te, f"member {exp}: test predictions vs test lesions")
         te = te.set_index(ID).loc[test[ID].to_numpy()].reset_index()[[ID, *classes]]
     return oof, te
+
+
+def load_member_test(cfg: dict, exp: str, test: pd.DataFrame, classes: list[str],
+                     role: str = "member") -> pd.DataFrame:
+    """A member's test probabilities alone (`<output>/<exp>/test.parquet`), rows in `test` order, ids
+    asserted; refused (MissingArtifactError) when missing, without a manifest or made on another folds.csv."""
+    folder = exp_folder(cfg, exp)
+    if not (folder / TEST).exists():
+        raise MissingArtifactError(f"{role} '{exp}': {folder / TEST} not found: run 02_train_fold.py or "
+                                   f"04_stack.py for '{exp}' with the test split first")
+    require_same_folds(cfg, folder, role, exp)
+    te = read_table(folder / TEST)
+    missing = [c for c in classes if c not in te.columns]
+    if missing:
+        raise PipelineError(f"{folder / TEST} lacks class columns {missing}")
+    assert_same_ids(test, te, f"member {exp}: test predictions vs test lesions")
+    return te.set_index(ID).loc[test[ID].to_numpy()].reset_index()[[ID, *classes]]
