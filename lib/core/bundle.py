@@ -12,6 +12,7 @@ the rest JSON / YAML / Markdown / PNG. No ML library is imported here.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -36,9 +37,29 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            return False
+        n = int.from_bytes(head, "little")
+        if n <= 1 or n > path.stat().st_size - 8:
+            return False
+        text = f.read(n)
+    try:
+        return isinstance(json.loads(text.decode("utf-8")), dict)
+    except ValueError:
+        return False
+
+
 def looks_like_pickle(path: str | Path) -> bool:
-    """A pickle stream of protocol 2-5 starts with 0x80 and the protocol byte (torch.save's zip files
-    are refused by suffix; this catches a pickle renamed to an allowed suffix)."""
+    """Bytes that are not what the suffix says, the way a renamed pickle is not: a `.safetensors` file
+    must have the safetensors layout; any other file must not start like a pickle stream of protocol
+    2-5 (0x80 + the protocol byte). torch.save's zip files are refused by suffix."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        return not _is_safetensors(path)
     with open(path, "rb") as f:
         head = f.read(2)
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5

@@ -37,7 +37,6 @@ from lib.core import bundle as B
 from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import read_json, write_json
 from lib.evaluation.ensemble import DEPLOYMENT_VERSION
-from lib.tabular.stacker_io import STACKER_FORMAT_VERSION
 from lib.training.cached_trunk import FINETUNE_FORMAT_VERSION
 from lib.training.inference import fold_model_state
 from lib.vision.trunk import TRUNK_FORMAT_VERSION
@@ -48,7 +47,7 @@ log = logging.getLogger(__name__)
 def artifact_versions() -> dict[str, int]:
     """The artifact format versions a bundle records and the predict path requires equal."""
     return {"model": A.CHECKPOINT_VERSION, "trunk": TRUNK_FORMAT_VERSION, "finetune": FINETUNE_FORMAT_VERSION,
-            "stacker": STACKER_FORMAT_VERSION, "deployment": DEPLOYMENT_VERSION, "cv_schema": A.CV_SCHEMA_VERSION}
+            "stacker": A.STACKER_FORMAT_VERSION, "deployment": DEPLOYMENT_VERSION, "cv_schema": A.CV_SCHEMA_VERSION}
 
 
 def saved_config(folder: Path) -> dict:
@@ -161,10 +160,10 @@ def _export_node(node: dict, out_root: Path, tmp: Path, prep: Path) -> None:
     if kind == "train":
         node["folds"] = _export_train(src, dst)
     elif kind == "stack":
-        if not (src / A.STACKER).is_dir():
-            raise MissingArtifactError(f"{src / A.STACKER} not found: rerun 04_stack.py for '{exp}' (it keeps its fitted "
+        if not (src / A.STACKER_DIR).is_dir():
+            raise MissingArtifactError(f"{src / A.STACKER_DIR} not found: rerun 04_stack.py for '{exp}' (it keeps its fitted "
                                        "stackers since bundles exist)")
-        shutil.copytree(src / A.STACKER, dst / A.STACKER)
+        shutil.copytree(src / A.STACKER_DIR, dst / A.STACKER_DIR)
     elif kind == "submit":
         _copy(src / A.DEPLOYMENT, dst / A.DEPLOYMENT)
         for name in (A.MODEL_CARD_JSON, A.MODEL_CARD_MD):

@@ -145,7 +145,7 @@ def _run_node(node: dict, cfg: dict, info: dict, test: pd.DataFrame, bundle: Pat
     elif kind == "features":
         F.predict_test(cfg, info, test, src / A.FEATURES, logits)
     elif kind == "stack":
-        te = S.predict_test(cfg, info, test, src / A.STACKER)
+        te = S.predict_test(cfg, info, test, src / A.STACKER_DIR)
         write_parquet(te, A.exp_dir(cfg) / A.TEST)
     else:
         _predict_submit(cfg, info, test, src, work)
@@ -168,6 +168,7 @@ def run(bundle: str | Path, test_root: str | Path, output: str | Path, exp: str 
     info["n_test"] = len(test)
     write_parquet(test, work / A.BUNDLE_PREP / A.PREP_TEST)
     write_json(info, work / A.BUNDLE_PREP / A.DATASET)
+    write_json(read_json(bundle / A.BUNDLE_PREP / A.META_ENCODERS), work / A.BUNDLE_PREP / A.META_ENCODERS)
     parts: dict[str, float] = {"prepare": round(time.time() - t0, 1)}
     logits: dict[str, dict[int, np.ndarray]] = {}
     for node in nodes:

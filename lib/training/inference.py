@@ -334,7 +334,7 @@ def fold_test_pass(cfg: dict, info: dict, test: pd.DataFrame, model: nn.Module, 
     (ONNX Runtime exported under `folder`). The predict path of a bundle; 02 runs the same `infer`."""
     tcfg = cfg["train"]
     spec = saved_spec(meta)
-    ds = LesionDataset(test, folder=cfg["paths"]["prep"], modalities=model_modalities(info, meta["model_cfg"]),
+    ds = LesionDataset(test, folder=Path(cfg["paths"]["prep"]), modalities=model_modalities(info, meta["model_cfg"]),
                        classes=list(info["classes"]), tab=Tabular.from_state(meta["tabular"]), spec=spec)
     amp_dtype, _ = amp_setup(tcfg["amp"], d.device)
     workers = resolve_workers(int(tcfg["workers"]))
