@@ -423,6 +423,10 @@ def check_bundled_encoder(enc: dict, recorded: dict, sha_cache: Path) -> None:
     spec, with `identity`); else one line naming the encoder, the weights and what to install."""
     ident = encoder_identity(enc["arch"], enc["weights"], enc["hub"], sha_cache)
     want = recorded.get("identity") or {}
+    if want.get("weights_sha256") and not ident.get("weights_sha256"):
+        raise PipelineError(f"encoder '{enc['name']}' ({enc['arch']}): its weights file {enc['weights']} is not there: put "
+                            f"the file the bundle was made with (sha256 {want['weights_sha256'][:12]}...) at that path, "
+                            "or set paths.weights_cache (docs/offline_weights.md)")
     if ident != want:
         diff = sorted(k for k in set(ident) | set(want) if ident.get(k) != want.get(k))
         raise PipelineError(f"encoder '{enc['name']}' ({enc['arch']}, weights {enc['weights']}): the installed weights "
