@@ -46,7 +46,7 @@ def test_names_and_folders(tmp_path: Path) -> None:
     assert A.features_dir(cfg, "x") == tmp_path / "x" / "features"
     assert A.fold_dir(cfg, 2) == tmp_path / "e1" / "fold2" and A.fold_dir(cfg, 0, "x") == tmp_path / "x" / "fold0"
     assert A.prep_dir(cfg) == tmp_path / "prep" / "d"
-    assert [n for n, _ in A.STAGES.values()] == ["01", "02", "03", "04", "05"]
+    assert [n for n, _ in A.STAGES.values()] == ["01", "02", "03", "04", "05", "06"]
 
 
 def test_config_fingerprint_ignores_runtime_keys_only(tmp_path: Path) -> None:

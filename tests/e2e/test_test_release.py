@@ -77,6 +77,7 @@ def test_second_release_trains_nothing_and_recomputes_the_test_side(runs: dict) 
     assert "lite0/train: cached embeddings reused" in logs and "lite0/test: cached embeddings reused" not in logs
     assert "ft_lite0: cached fine-tuned fold models and OOF logits reused" in logs
     assert "ft_lite0: test logits of 29 lesions from the 5 kept fold models" in logs
+    assert "not refitting, predicting the test rows only" in logs      # 04 applies its kept stackers
     manifest = json.loads((runs["out"] / "sample_fusion/manifest.json").read_text())
     scratch = json.loads((runs["scratch"] / "sample_fusion/manifest.json").read_text())
     assert manifest["test_rows"] == scratch["test_rows"] and len(manifest["test_rows"]) == 40
