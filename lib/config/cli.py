@@ -79,16 +79,12 @@ def disk_error(e: OSError) -> str:
             "command (finished work is reused; nothing half written was kept)")
 
 
-def run_script(main_fn, argv: list[str] | None, description: str,
-               extra: list[tuple[tuple, dict]] | None = None) -> int:
-    """Entry point wrapper: user errors become one clear line and exit code 2; Ctrl-C exits 130; a
-    finished stage logs one summary line with its wall time."""
+def _guarded(work, what: str) -> int:
+    """Run `work()`: user errors become one clear line and exit code 2; Ctrl-C exits 130; a finished
+    stage logs one summary line (`what()`) with its wall time."""
     t0 = time.perf_counter()
     try:
-        cfg, ns = cli_config(argv, description, extra)
-        apply_paths(cfg)
-        main_fn(cfg, **{k: v for k, v in vars(ns).items()
-                        if k not in ("config", "data", "test_data", "output", "exp", "verbose", "overrides")})
+        name = work()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -101,5 +97,40 @@ def run_script(main_fn, argv: list[str] | None, description: str,
         print("interrupted; rerun the same command to continue (finished work is reused; 02 takes --resume "
               "to continue a half-finished fold)", file=sys.stderr)
         return 130
-    log.info("%s (exp %s): done in %.1f s", stage_name(main_fn), cfg["exp"], time.perf_counter() - t0)
+    log.info("%s (exp %s): done in %.1f s", what, name, time.perf_counter() - t0)
     return 0
+
+
+def run_script(main_fn, argv: list[str] | None, description: str,
+               extra: list[tuple[tuple, dict]] | None = None) -> int:
+    """Entry point wrapper of the numbered scripts 01-05 (see `_guarded`)."""
+    def work() -> str:
+        cfg, ns = cli_config(argv, description, extra)
+        apply_paths(cfg)
+        main_fn(cfg, **{k: v for k, v in vars(ns).items()
+                        if k not in ("config", "data", "test_data", "output", "exp", "verbose", "overrides")})
+        return str(cfg["exp"])
+    return _guarded(work, stage_name(main_fn))
+
+
+def predict_parser(description: str) -> argparse.ArgumentParser:
+    """The CLI of 06_predict.py: a bundle, a test release, where to write, runtime overrides."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, help="bundle folder (tools/export_bundle.py)")
+    p.add_argument("--test-data", required=True, help="test release folder, in the bundle's data format")
+    p.add_argument("--output", default="output", help="output root (default: output)")
+    p.add_argument("--exp", default="predict", help="name of the run's folder under --output (default: predict)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("overrides", nargs="*", help="runtime overrides only: device=cuda threads=4 features.runtime=torch")
+    return p
+
+
+def run_predict(main_fn, argv: list[str] | None, description: str) -> int:
+    """Entry point wrapper of 06_predict.py: `main_fn` gets {bundle, test_data, output, exp, overrides}."""
+    def work() -> str:
+        ns = predict_parser(description).parse_intermixed_args(argv)
+        setup_logging(ns.verbose)
+        main_fn({"bundle": ns.bundle, "test_data": ns.test_data, "output": ns.output, "exp": ns.exp,
+                 "overrides": list(ns.overrides)})
+        return str(ns.exp)
+    return _guarded(work, stage_name(main_fn))

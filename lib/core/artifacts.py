@@ -13,9 +13,10 @@ Layout (every path below `paths.output`, `<prep>` = `paths.prep`):
   test_logits.parquet + test_logits.json (the fingerprint of the test rows they are for),
   summary.json, config.yaml); oof.parquet, test.parquet, cv.json, config.yaml, manifest.json
 - `<exp>/features/` (03): <enc>_<split>.parquet + .json, config.yaml, manifest.json
-- `<exp>/`   (04): oof.parquet, test.parquet, cv.json, importance.parquet, heads/, config.yaml, manifest.json
+- `<exp>/`   (04): oof.parquet, test.parquet, cv.json, importance.parquet, heads/, config.yaml, manifest.json,
+  stacker/ (the fitted stackers: stacker.json + fold{k}/arrays.safetensors and boosters, `stacker_model_file`)
 - `<exp>/`   (05): oof.parquet, test.parquet (blended probabilities), submission.csv, thresholds.json,
-  cv.json, report.md, report/*.png, config.yaml, manifest.json
+  cv.json, report.md, report/*.png, model_card.json, model_card.md, config.yaml, manifest.json
 
 A manifest records the stage, the config fingerprint, the sha1 of the folds.csv used, the folders it
 read (with their fingerprints), the UTC time, the stage's wall seconds, the library versions and
@@ -79,9 +80,16 @@ WEIGHTS_SHA256 = "weights_sha256.json"  # <prep>/: sha256 of resolved weights fi
 # 04
 IMPORTANCE = "importance.parquet"
 HEADS = "heads"
+# 04 fitted stackers (lib.tabular.stacker_io): <exp>/stacker/stacker.json + fold{k}/ (arrays, boosters)
+STACKER_DIR = "stacker"
+STACKER_JSON = "stacker.json"        # format version, fingerprint of the training inputs, the layout, file names
+STACKER_ARRAYS = "arrays.safetensors"  # fold{k}/: imputer / scaler / PCA / logistic regression arrays
+STACKER_FORMAT_VERSION = 1           # `format_version` of stacker.json
+STACKER_MODEL_EXT = {"xgb": "ubj", "lgbm": "txt"}  # XGBoost's UBJSON, LightGBM's text model format
 # 05
 SUBMISSION = "submission.csv"
 THRESHOLDS = "thresholds.json"
+DEPLOYMENT = "deployment.json"     # what 05 applies to test predictions: members, weights, priors, rule, thresholds
 REPORT = "report.md"
 REPORT_DIR = "report"
 FIG_CONFUSION = "confusion.png"      # report/ figures
@@ -89,6 +97,16 @@ FIG_F1 = "f1_per_class.png"
 FIG_THRESHOLDS = "threshold_curves.png"
 FIG_TRAINING = "training_curves.png"
 FIG_CV_SPREAD = "cv_spread.png"
+FIG_SUBGROUPS = "subgroups.png"      # report/: the model card's per-subgroup forest plot
+MODEL_CARD_JSON = "model_card.json"  # 05: what the model was trained on and how it measures, per subgroup
+MODEL_CARD_MD = "model_card.md"
+# bundles (tools/export_bundle.py writes one, 06_predict.py reads it; lib/core/bundle.py: bundle.json)
+BUNDLE_JSON = "bundle.json"          # <bundle>/: versions, recipe, CV figures, every file with its sha256
+BUNDLE_MODEL = "model.safetensors"   # <bundle>/<exp>/fold{k}/: a fold model's weights (02)
+BUNDLE_MODEL_JSON = "model.json"     # ... and what rebuilds it (model config, arguments, spec, tabular state)
+BUNDLE_PREP = "prep"                 # <bundle>/prep/: dataset.json, meta_encoders.json, config.yaml (01)
+PREDICT_JSON = "predict.json"        # <output>/<exp>/ of 06: the bundle, the release, times
+BUNDLE_ENCODER = "encoder.json"      # <bundle>/<exp>/features/<enc>/: the encoder's spec and identity (03)
 
 CV_SCHEMA_VERSION = 1
 CHECKPOINT_VERSION = 1               # `format_version` of fold{k}/checkpoint.pt and model.pt
@@ -104,6 +122,7 @@ STAGES = {  # stage name -> (number, script)
     "features": ("03", "03_extract_features.py"),
     "stack": ("04", "04_stack.py"),
     "submit": ("05", "05_submit.py"),
+    "predict": ("06", "06_predict.py"),
 }
 # config keys that change how fast or where a stage runs, not what it computes (not fingerprinted)
 RUNTIME_KEYS = ("exp", "device", "threads", "paths", "cache.workers", "features.workers", "features.batch_size",
@@ -144,6 +163,11 @@ def trunk_file(split: str, modality: str) -> str:
 def head_file(kind: str, head: str) -> str:
     """`<kind>_<head>.parquet` inside heads/ (kind: oof | test)."""
     return f"{kind}_{head}.parquet"
+
+
+def stacker_model_file(head: str, seed_index: int, class_index: int) -> str:
+    """`<head>_s<seed index>_c<class index>.<ubj|txt>`: one binary booster of a fitted stacker (fold{k}/)."""
+    return f"{head}_s{seed_index}_c{class_index}.{STACKER_MODEL_EXT[head]}"
 
 
 def fold_name(k: int) -> str:
@@ -191,7 +215,8 @@ def config_fingerprint(cfg: dict, scope: str = "experiment") -> str:
     checkpoint.pt, model.pt and summary.json, see lib/training/fold.py): only what decides one fold
     model: `train`, `seed`, the folds settings, the data format and the prep folder the fold read
     (a path, so a runtime key for a manifest but the fold's input here); the other sections
-    (features, stack, submit) do not invalidate a trained fold."""
+    (features, stack, submit) do not invalidate a trained fold. scope `stack` (04's fitted stackers):
+    the `stack` section and the top-level `seed`."""
     c = copy.deepcopy(cfg)
     for key in RUNTIME_KEYS:
         *parents, last = key.split(".")
@@ -203,8 +228,10 @@ def config_fingerprint(cfg: dict, scope: str = "experiment") -> str:
     if scope == "fold":
         c = {"train": c["train"], "seed": c["seed"], "prep": str(cfg["paths"]["prep"]), "folds": c["folds"],
              "format": c["data"]["format"]}
+    elif scope == "stack":
+        c = {"stack": c["stack"], "seed": c["seed"]}
     elif scope != "experiment":
-        raise ValueError(f"unknown fingerprint scope {scope!r} (experiment | fold)")
+        raise ValueError(f"unknown fingerprint scope {scope!r} (experiment | fold | stack)")
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -434,3 +461,20 @@ def load_member(cfg: dict, exp: str, train: pd.DataFrame, test: pd.DataFrame | N
         assert_same_ids(test, te, f"member {exp}: test predictions vs test lesions")
         te = te.set_index(ID).loc[test[ID].to_numpy()].reset_index()[[ID, *classes]]
     return oof, te
+
+
+def load_member_test(cfg: dict, exp: str, test: pd.DataFrame, classes: list[str],
+                     role: str = "member") -> pd.DataFrame:
+    """A member's test probabilities alone (`<output>/<exp>/test.parquet`), rows in `test` order, ids
+    asserted; refused (MissingArtifactError) when missing, without a manifest or made on another folds.csv."""
+    folder = exp_folder(cfg, exp)
+    if not (folder / TEST).exists():
+        raise MissingArtifactError(f"{role} '{exp}': {folder / TEST} not found: run 02_train_fold.py or "
+                                   f"04_stack.py for '{exp}' with the test split first")
+    require_same_folds(cfg, folder, role, exp)
+    te = read_table(folder / TEST)
+    missing = [c for c in classes if c not in te.columns]
+    if missing:
+        raise PipelineError(f"{folder / TEST} lacks class columns {missing}")
+    assert_same_ids(test, te, f"member {exp}: test predictions vs test lesions")
+    return te.set_index(ID).loc[test[ID].to_numpy()].reset_index()[[ID, *classes]]

@@ -283,3 +283,28 @@ def fold_average_gap(oof_probs: np.ndarray, test_probs: np.ndarray, thresholds: 
                        "oof_above_threshold": float((O[:, i] > t[i]).mean()),
                        "test_above_threshold": float((T[:, i] > t[i]).mean())}
     return out
+
+
+DEPLOYMENT_VERSION = 1   # `format_version` of 05's deployment.json (what a bundle's predict path applies)
+
+
+def deployment(classes: list[str], task: str, names: Sequence[str], w: np.ndarray, method: str, tau: float,
+               y_onehot: np.ndarray, rule: str, thresholds: dict[str, float]) -> dict:
+    """Everything 05 applies to its members' test predictions, JSON-able: the members and their
+    weights, the blend method, the logit adjustment (tau and the class priors of all training labels),
+    the decision rule and its per-class thresholds. `apply_deployment` applies it."""
+    priors = D.class_priors(y_onehot).tolist() if tau else None
+    return {"format_version": DEPLOYMENT_VERSION, "task": task, "classes": list(classes),
+            "members": [{"exp": n, "weight": float(x)} for n, x in zip(names, w)], "blend": method,
+            "logit_adjust_tau": float(tau), "priors": priors, "decision": rule,
+            "thresholds": {c: float(thresholds[c]) for c in classes}}
+
+
+def deployed_probs(dep: dict, tests: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The blended (and logit-adjusted) test probabilities of a deployment, before the decision."""
+    classes = dep["classes"]
+    te = blend(tests, [m["weight"] for m in dep["members"]], method=dep["blend"])
+    if dep["logit_adjust_tau"]:
+        te[classes] = D.logit_adjust(te[classes].to_numpy(), np.asarray(dep["priors"]), dep["logit_adjust_tau"])
+    return te
+

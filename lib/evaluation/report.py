@@ -16,6 +16,7 @@ from lib.core.errors import PipelineError
 from lib.core.io import ID, assert_same_ids, atomic_path, write_text
 from lib.evaluation import decision as D
 from lib.evaluation import metrics as M
+from lib.evaluation import model_card as MC
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,25 @@ def _fitted_how(cv: dict, figures: Sequence[tuple[str, str]]) -> str:
     return "Fitted how: " + "; ".join(f"{name}: {how[k]}" for name, k in figures if k in how) if how else ""
 
 
+def _members_table(members: list[dict]) -> str:
+    """The members' weights and their own OOF metrics (top level or under ``cv``)."""
+    if not members:
+        return "_no members listed_"
+    mcols = [k for k in MEMBER_METRICS if any(_member_metric(m, k) is not None for m in members)]
+    return _md_table(["exp", "weight", *mcols],
+                     [[m.get("exp", "?"), m.get("weight"), *(_member_metric(m, k) for k in mcols)] for m in members])
+
+
+def _card_section(card: dict, written: Sequence[tuple[str, str]]) -> str:
+    """The report's "Model card" section: what was trained on, the subgroup tables and their plot."""
+    d = card["data"]
+    parts = [f"Trained on {d['n_lesions']} lesions ({d['format']}, {d['task']}); the full card, with intended use "
+             f"and limits, is `{A.MODEL_CARD_MD}` (`{A.MODEL_CARD_JSON}`).", "", MC.subgroup_markdown(card)]
+    parts += [f"\n![{cap}]({A.REPORT_DIR}/{name})" for cap, name in written if name == A.FIG_SUBGROUPS]
+    parts += ["", "Limits: " + " ".join(card["limits"])]
+    return "\n".join(parts)
+
+
 def stage_times_table(rows: Sequence[dict]) -> str:
     """Markdown table of stage wall times (one row per folder that ran a stage) and their total."""
     def secs(v: Any) -> str:
@@ -383,7 +403,7 @@ def stage_times_table(rows: Sequence[dict]) -> str:
 def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: list[str], cv: dict,
                  thresholds: dict[str, float], decision: str, members: list[dict],
                  histories: dict[str, pd.DataFrame] | None, title: str, task: str = "multiclass",
-                 stage_times: list[dict] | None = None) -> Path:
+                 stage_times: list[dict] | None = None, card: dict | None = None) -> Path:
     """Write ``folder/report.md`` and its PNGs in ``folder/report/``; returns the report path.
 
     ``cv`` is a ``cv_summary`` dict; ``thresholds`` the tuned per-class thresholds (empty: those in
@@ -393,7 +413,8 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
     ``histories`` ``{"<exp>/foldK": DataFrame(epoch, train_loss, val_loss, val_macro_f1, lr)}``
     (any column may be missing; empty or None: no training-curves figure); ``stage_times`` rows
     with ``number``, ``stage``, ``exp``, ``wall_seconds`` (``lib.core.artifacts.stage_times``; None or
-    empty: no stage-times section). Figures use
+    empty: no stage-times section); ``card`` the model card (``lib.evaluation.model_card``; None: no
+    "Model card" section, no subgroup plot). Figures use
     matplotlib's Agg canvas directly (no pyplot state); every file is written atomically and
     figures not produced this time are removed so the folder matches the report.
     """
@@ -420,7 +441,8 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
             A.FIG_THRESHOLDS: ("Dice vs threshold (red: chosen, dotted: 0.5)",
                                      lambda: _fig_thresholds(Figure, Y, P, t, classes)),
             A.FIG_TRAINING: ("Training curves", lambda: _fig_training(Figure, histories or {})),
-            A.FIG_CV_SPREAD: ("CV spread over folds", lambda: None if pf is None else _fig_cv_spread(Figure, pf))}
+            A.FIG_CV_SPREAD: ("CV spread over folds", lambda: None if pf is None else _fig_cv_spread(Figure, pf)),
+            A.FIG_SUBGROUPS: ("Per-subgroup figures", lambda: None if card is None else MC.fig_subgroups(Figure, card))}
     written = _write_figures(img_dir, figs)
 
     parts = [f"# {title}", "", f"OOF rows: {len(Y)}, classes: {len(classes)}, decision: **{decision}**", "",
@@ -433,27 +455,21 @@ def write_report(folder: Path, train: pd.DataFrame, oof: pd.DataFrame, classes: 
                 "raw": " (blended probabilities submitted as they are"
                        + (": the binary metric ranks them)" if task == "binary" else ")")}[decision],
              "", _md_table(["class", "threshold"], [[c, float(x)] for c, x in zip(classes, t)]),
-             "", "## Members", ""]
-    if members:
-        mcols = [k for k in MEMBER_METRICS if any(_member_metric(m, k) is not None for m in members)]
-        parts.append(_md_table(["exp", "weight", *mcols],
-                               [[m.get("exp", "?"), m.get("weight"), *(_member_metric(m, k) for k in mcols)]
-                                for m in members]))
-    else:
-        parts.append("_no members listed_")
-    parts += ["", "## Per class (OOF)", "",
-              _md_table(["class", "support", "F1 argmax", "Dice@0.5", "Dice tuned", "threshold"],
-                        [[c, int(n), float(a), float(b), float(d), float(x)]
-                         for c, n, a, b, d, x in zip(classes, support, f1_arg, dice_05, dice_t, t)]),
-              "", _fitted_how(cv, (("F1 argmax", "per_class_f1_argmax"), ("Dice@0.5", "macro_dice_05"),
-                                   ("Dice tuned", "per_class_dice_tuned"))),
-              "", "## Per fold", "", _fitted_how(cv, (("per fold", "per_fold"),)), ""]
+             "", "## Members", "", _members_table(members), "", "## Per class (OOF)", "",
+             _md_table(["class", "support", "F1 argmax", "Dice@0.5", "Dice tuned", "threshold"],
+                       [[c, int(n), float(a), float(b), float(d), float(x)]
+                        for c, n, a, b, d, x in zip(classes, support, f1_arg, dice_05, dice_t, t)]),
+             "", _fitted_how(cv, (("F1 argmax", "per_class_f1_argmax"), ("Dice@0.5", "macro_dice_05"),
+                                  ("Dice tuned", "per_class_dice_tuned"))),
+             "", "## Per fold", "", _fitted_how(cv, (("per fold", "per_fold"),)), ""]
     parts.append(_md_table(list(pf.columns), pf.to_numpy(object).tolist()) if pf is not None
                  else "_no per-fold results_")
     if stage_times:
         parts += ["", "## Stage times", "", stage_times_table(stage_times)]
+    if card is not None:
+        parts += ["", "## Model card", "", _card_section(card, written)]
     parts += ["", "## Notes", "", NOTE, "", "## Figures", ""]
-    parts += [f"### {cap}\n\n![{cap}]({A.REPORT_DIR}/{name})\n" for cap, name in written]
+    parts += [f"### {cap}\n\n![{cap}]({A.REPORT_DIR}/{name})\n" for cap, name in written if name != A.FIG_SUBGROUPS]
     out = write_text("\n".join(parts).rstrip() + "\n", folder / A.REPORT)
     log.info("report written: %s (%d figures)", out, len(written))
     return out

@@ -34,7 +34,13 @@ from lib.training.cached_trunk import (
     load_tail_head,
     save_tail_head,
 )
-from lib.training.inference import f1_scores, fold_logit_features, fold_prediction_table, prediction_table
+from lib.training.inference import (
+    f1_scores,
+    fold_logit_features,
+    fold_logit_test_tables,
+    fold_prediction_table,
+    prediction_table,
+)
 from lib.vision import backbones
 from lib.vision.embed import (
     emb_columns,
@@ -79,12 +85,12 @@ class Rows:
     """The fingerprint of each split's rows (ids + the bytes of their images, every modality), the key
     of every cache file of this stage; `labelled`: the train rows with their labels too (fine-tunes)."""
 
-    def __init__(self, cfg: dict, info: dict, tables: dict[str, pd.DataFrame], train: pd.DataFrame) -> None:
+    def __init__(self, cfg: dict, info: dict, tables: dict[str, pd.DataFrame], train: pd.DataFrame | None) -> None:
         digests = {split: {m: image_digests(prep_dir(cfg), df[f"path_{m}"]) for m in info["modalities"]}
                    for split, df in tables.items()}
         self.split = {split: rows_fingerprint(df[ID], digests[split]) for split, df in tables.items()}
         ycols = [f"y_{c}" for c in info["classes"]]
-        self.labelled = rows_fingerprint(train[ID], digests["train"], train[ycols])
+        self.labelled = None if train is None else rows_fingerprint(train[ID], digests["train"], train[ycols])
 
 
 def _spec(cfg: dict, enc: dict, info: dict, frozen: Frozen, keep: bool) -> tuple[dict, list[str]]:
@@ -407,3 +413,66 @@ def _link(src: Path, dst: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- tabular
+
+
+# ----------------------------------------------------------------------------- the predict path of a bundle
+
+
+def check_bundled_encoder(enc: dict, recorded: dict, sha_cache: Path) -> None:
+    """The installed weights of `enc` are the ones the bundle's encoder was run with (`recorded`: its
+    spec, with `identity`); else one line naming the encoder, the weights and what to install."""
+    ident = encoder_identity(enc["arch"], enc["weights"], enc["hub"], sha_cache)
+    want = recorded.get("identity") or {}
+    if want.get("weights_sha256") and not ident.get("weights_sha256"):
+        raise PipelineError(f"encoder '{enc['name']}' ({enc['arch']}): its weights file {enc['weights']} is not there: put "
+                            f"the file the bundle was made with (sha256 {want['weights_sha256'][:12]}...) at that path, "
+                            "or set paths.weights_cache (docs/offline_weights.md)")
+    if ident != want:
+        diff = sorted(k for k in set(ident) | set(want) if ident.get(k) != want.get(k))
+        raise PipelineError(f"encoder '{enc['name']}' ({enc['arch']}, weights {enc['weights']}): the installed weights "
+                            f"differ from the bundle's in {diff} (installed {[ident.get(k) for k in diff]}, bundle "
+                            f"{[want.get(k) for k in diff]}): install the weights the bundle was made with "
+                            "(docs/offline_weights.md)")
+
+
+def _bundled_finetune(cfg: dict, enc: dict, info: dict, test: pd.DataFrame, acts: list[np.ndarray],
+                      tail_pool: tuple, folder: Path, out: Path, device: str) -> None:
+    """`ft_<name>` test logits (mean and per fold model) from the bundle's fine-tuned fold models."""
+    name, classes = f"ft_{enc['name']}", list(info["classes"])
+    ft = FineTune(**finetune_settings(cfg, enc), seed=int(cfg["seed"]))
+    meta = read_json(folder / A.cache_file("train", "json"))
+    folds = sorted(int(p.stem.removeprefix(A.fold_name(""))) for p in folder.glob(A.finetune_fold_file("*")))
+    models = _load_fold_models(folder, folds, len(info["modalities"]), len(classes), ft, tail_pool, device)
+    src = {"test": out / A.features_file(name, "test"), A.TEST_BY_FOLD: out / A.features_file(name, A.TEST_BY_FOLD)}
+    _write_test_logits(name, classes, test, fold_test_logits(models, acts, device), folds,
+                       {**meta, "rows": None}, src)
+
+
+def predict_test(cfg: dict, info: dict, test: pd.DataFrame, bundled: Path,
+                 fold_logits: dict[str, dict[int, np.ndarray]]) -> None:
+    """Stage 03's test side from a bundle (`bundled`: the bundle's `<exp>/features/`): every encoder's
+    embeddings of the test rows (cached under `paths.prep` like 03), the fine-tunes' test logits from
+    the bundled fold models, and `features.from_exps` logits from `fold_logits` ({exp: {fold: logits}},
+    computed from the bundled fold models). Written to `<paths.output>/<exp>/features/` as 03 writes them."""
+    frozen = Frozen(cfg)
+    torch.set_num_threads(frozen.threads)
+    tables = {"test": test[[ID] + [f"path_{m}" for m in info["modalities"]]]}
+    out = A.features_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = Rows(cfg, info, tables, None) if cfg["features"]["encoders"] else None
+    for enc in cfg["features"]["encoders"]:
+        check_bundled_encoder(enc, read_json(bundled / enc["name"] / A.BUNDLE_ENCODER), frozen.sha_cache)
+        if enc["cut"]:
+            paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables, frozen, rows)
+        else:
+            paths = extract_encoder(cfg, enc, info, tables, frozen, rows)
+        _link(paths["test"], out / A.features_file(enc["name"], "test"))
+        _link(paths["test"].with_suffix(".json"), out / A.features_file(enc["name"], "test", "json"))
+        if enc["finetune"]:
+            _bundled_finetune(cfg, enc, info, tables["test"], acts["test"], tail_pool,
+                              bundled / f"ft_{enc['name']}", out, frozen.device)
+    for e in cfg["features"]["from_exps"]:
+        mean, by_fold = fold_logit_test_tables(e, list(info["classes"]), test[ID], fold_logits[e])
+        write_parquet(mean, out / A.features_file(e, "test"))
+        write_parquet(by_fold, out / A.features_file(e, A.TEST_BY_FOLD))
+

@@ -57,6 +57,18 @@ def _finish(raw: formats.Raw, enc: dict, paths: dict, split: str, cfg: dict) -> 
     return out
 
 
+def prepare_test(cfg: dict, raw: formats.Raw, enc: dict) -> pd.DataFrame:
+    """A test release alone (the predict path of a bundle): its images cached like 01 caches them
+    (`cache` settings of `cfg`, under `paths.prep`), its metadata encoded with `enc` (the encoders
+    fitted on the training rows, from the bundle); returns the test lesion table (not written)."""
+    tag = cache.cache_tag(cfg["cache"])
+    jobs, paths = _cache_jobs(raw.table, raw.modalities, prep_dir(cfg), tag)
+    cache.build_cache(jobs, cfg["cache"], cfg["cache"]["workers"])
+    te = _finish(raw, enc, paths, "test", cfg)
+    te["fold"] = -1
+    return te
+
+
 def run(cfg: dict, force_folds: bool = False) -> dict:
     """Run stage 01 and return the dataset description written to `<prep>/dataset.json`."""
     t0 = time.time()

@@ -12,10 +12,11 @@ import pandas as pd
 from lib.core import artifacts as A
 from lib.core.artifacts import exp_dir, load_member, save_config
 from lib.core.errors import PipelineError
-from lib.core.io import ID, read_json, write_json, write_parquet
+from lib.core.io import ID, read_json, write_json, write_parquet, write_text
 from lib.data.dataset import load_dataset
 from lib.evaluation import decision as D
 from lib.evaluation import ensemble
+from lib.evaluation import model_card as MC
 from lib.evaluation import report as R
 from lib.evaluation.bootstrap import bootstrap_ranking, nested_uncertainty
 from lib.evaluation.submission import build_submission, write_submission
@@ -74,12 +75,13 @@ def _decide(s: dict, task: str, res: dict, honest: dict) -> dict:
             "expected_score_nesting": honest["nesting"][key]}
 
 
-def _submission(cfg: dict, info: dict, test: pd.DataFrame, te: pd.DataFrame, decision: str, thr: np.ndarray,
-                out: Path) -> None:
-    """Bake the decision into the blended test probabilities and write the validated submission.csv."""
+def write_test_submission(cfg: dict, info: dict, test: pd.DataFrame, te: pd.DataFrame, dep: dict, out: Path) -> None:
+    """Bake the deployment's decision into the blended test probabilities `te` and write the validated
+    submission.csv (05, and the predict path of a bundle)."""
     classes = info["classes"]
+    thr = np.array([dep["thresholds"][c] for c in classes])
     final = te.copy()
-    final[classes] = D.bake(te[classes].to_numpy(float), decision, thr)
+    final[classes] = D.bake(te[classes].to_numpy(float), dep["decision"], thr)
     key = cfg["data"]["generic"]["id_col"] if info["format"] == "generic" else None
     sub = build_submission(final, classes, info["format"], info["task"], key)
     write_submission(sub, test[ID].astype(str).tolist(), out / A.SUBMISSION)
@@ -132,13 +134,10 @@ def run(cfg: dict) -> dict:
     w, weights_info, per_fold = ensemble.blend_weights(oofs, train, names, [m["weight"] for m in s["members"]],
                                                        s["optimize_weights"], s["blend_metric"], task, s["blend"])
     oof = ensemble.blend(oofs, w, method=s["blend"])
-    te = ensemble.blend(tests, w, method=s["blend"]) if test is not None else None
     tau = D.adjust_tau(s["logit_adjust_tau"], task)
+    y = train[[f"y_{c}" for c in classes]].to_numpy()
     if tau:  # the deployment: priors from all training labels
-        adjust = D.logit_adjuster(tau, train[[f"y_{c}" for c in classes]].to_numpy())
-        oof[classes] = adjust(oof[classes].to_numpy())
-        if te is not None:
-            te[classes] = adjust(te[classes].to_numpy())
+        oof[classes] = D.logit_adjuster(tau, y)(oof[classes].to_numpy())
     metrics = R.cv_summary(train, oof, classes, task, weights="not nested" if per_fold is not None else "fixed",
                            priors="not nested" if tau else None, rule_chosen=D.rule_is_chosen(s["decision"], task))
     honest, res = _honest(s, task, classes, oofs, train, w, per_fold, tau)
@@ -146,6 +145,8 @@ def run(cfg: dict) -> dict:
     decision = chosen["decision"]
     thr = np.array([metrics["thresholds"][c] for c in classes])
     members = [{"exp": n, "weight": float(x)} for n, x in zip(names, w)]
+    dep = ensemble.deployment(classes, task, names, w, s["blend"], tau, y, decision, metrics["thresholds"])
+    te = ensemble.deployed_probs(dep, tests) if test is not None else None
     cv = A.cv_document("submit", cfg["exp"], task, metrics, submit={
         "members": members, "weights": weights_info, **chosen, "honest_cv": honest})
     write_parquet(oof, out / A.OOF)
@@ -153,12 +154,19 @@ def run(cfg: dict) -> dict:
         write_parquet(te, out / A.TEST)
         cv["submit"]["fold_average_gap"] = ensemble.fold_average_gap(
             oof[classes].to_numpy(), te[classes].to_numpy(), thr, classes)
-        _submission(cfg, info, test, te, decision, thr, out)
+        write_test_submission(cfg, info, test, te, dep, out)
     else:
         log.warning("no test split: OOF blend and CV only, no submission.csv")
     write_json({"decision": decision, "thresholds": metrics["thresholds"], "note": D.NOTES[decision]},
                out / A.THRESHOLDS)
+    write_json(dep, out / A.DEPLOYMENT)
     write_json(cv, out / A.CV)
+    enc_path = A.prep_dir(cfg) / A.META_ENCODERS  # the model card: per-class and per-subgroup figures on OOF rows
+    _, oof_p, _ = R.oof_arrays(train, oof, classes)
+    card = MC.build_model_card(train, oof_p, D.apply_rule(oof_p, decision, thr), classes, task, cv, info,
+                               read_json(enc_path) if enc_path.exists() else {}, seed=int(cfg["seed"]))
+    write_json(card, out / A.MODEL_CARD_JSON)
+    write_text(MC.card_markdown(card), out / A.MODEL_CARD_MD)
     save_config(cfg, out)
     inputs = [A.input_record(cfg, A.prep_dir(cfg), "prep")]
     inputs += [A.input_record(cfg, A.exp_folder(cfg, n), "member") for n in names]
@@ -168,6 +176,6 @@ def run(cfg: dict) -> dict:
                                                "wall_seconds": time.time() - t0}]
         R.write_report(out, train, oof, classes, _headline(metrics, honest, chosen), metrics["thresholds"],
                        decision, _member_rows(cfg, names, w), R.load_histories(Path(cfg["paths"]["output"]), names),
-                       title=f"{cfg['exp']}: submission report", task=task, stage_times=times)
+                       title=f"{cfg['exp']}: submission report", task=task, stage_times=times, card=card)
     A.write_manifest(cfg, out, "submit", inputs, time.time() - t0)
     return cv

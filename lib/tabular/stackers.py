@@ -14,6 +14,11 @@ Per-class binary probabilities are renormalized across classes when `renorm` (mu
 heads are averaged with `head_weights`. A class with no positives (or no negatives) in a training
 fold gets a constant smoothed prior and a warning.
 
+The fitted parts (per fold: the blocks' imputer / scaler / PCA arrays, the boosters at the iteration
+predict_proba uses, the logistic regressions' arrays, the constant priors) come back in
+`StackResult.fitted`; `lib.tabular.stacker_io` saves, loads and applies them to new rows. PCA's
+random_state is the first of `seeds`.
+
 All matrices handed to scalers, PCA and models are DataFrames indexed by `lesion_id`, so tests can
 verify the provenance of every fit.
 """
@@ -27,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import lightgbm as lgb
 from lightgbm import LGBMClassifier, early_stopping
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
@@ -42,11 +48,11 @@ from lib.core.io import ID, assert_unique_ids
 from lib.core.progress import progress
 from lib.core.runtime import resolve_device
 from lib.core.scoring import argmax_onehot, macro_dice
+from lib.tabular.stacker_apply import TREE_HEADS, blend_heads, predict_fold, prob_table, renorm_rows
 
 log = logging.getLogger(__name__)
 
 HEADS = STACK_HEADS
-TREE_HEADS = ("xgb", "lgbm")
 _LGBM_EVAL_XY = "eval_X" in inspect.signature(LGBMClassifier.fit).parameters  # lightgbm >= 4.6
 
 
@@ -60,6 +66,7 @@ class StackResult:
     per_head_test: dict[str, pd.DataFrame]
     importance: pd.DataFrame          # feature, class, head, gain (mean over folds and seeds)
     fold_of: pd.Series                # lesion_id -> fold
+    fitted: dict | None = None        # what predicts new rows per fold (see `fitted_layout`; lib.tabular.stacker_io)
 
 
 # ----------------------------------------------------------------------------- config / checks
@@ -135,24 +142,33 @@ def _check_inputs(train: pd.DataFrame, test: pd.DataFrame | None, blocks: dict[s
 
 # ----------------------------------------------------------------------------- fold features
 def _fold_features(xtr: pd.DataFrame, others: list[pd.DataFrame], blocks: dict[str, list[str]],
-                   pca_blocks: list[str], n_comp: int) -> tuple[list[pd.DataFrame], list[str]]:
+                   pca_blocks: list[str], n_comp: int, seed: int = 0
+                   ) -> tuple[list[pd.DataFrame], list[str], dict[str, dict]]:
     """Fit per-block imputer+scaler+PCA on the training fold `xtr` only; transform it and `others`.
 
-    Returns the matrices (training fold first, columns f0..fN, index lesion_id) and feature names.
+    Returns the matrices (training fold first, columns f0..fN, index lesion_id), feature names and
+    per block its fitted arrays (`pca`, `names`; PCA blocks: `fill`, `mean`, `scale`, `pca_mean`,
+    `components`).
     """
     parts: list[list[pd.DataFrame]] = [[] for _ in range(1 + len(others))]
     names: list[str] = []
+    params: dict[str, dict] = {}
     for name, cols in blocks.items():
         if name in pca_blocks:
             n = max(1, min(n_comp, len(cols), len(xtr) - 1))
             red = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True),
-                                StandardScaler(), PCA(n_components=n, random_state=0)).set_output(transform="pandas")
+                                StandardScaler(), PCA(n_components=n, random_state=seed)).set_output(transform="pandas")
             red.fit(xtr[cols])
             outs = [red.transform(d[cols]) for d in [xtr, *others]]
-            names += [f"{name}_pc{i}" for i in range(n)]
+            imp, sc, pca = red
+            params[name] = {"pca": True, "names": [f"{name}_pc{i}" for i in range(n)],
+                            "fill": np.asarray(imp.statistics_, np.float64), "mean": np.asarray(sc.mean_, np.float64),
+                            "scale": np.asarray(sc.scale_, np.float64), "pca_mean": np.asarray(pca.mean_, np.float64),
+                            "components": np.asarray(pca.components_, np.float64)}
         else:
             outs = [d[cols] for d in [xtr, *others]]
-            names += list(cols)
+            params[name] = {"pca": False, "names": list(cols)}
+        names += params[name]["names"]
         for p, o in zip(parts, outs):
             p.append(pd.DataFrame(o.to_numpy(np.float64), index=o.index))
     mats = []
@@ -160,7 +176,7 @@ def _fold_features(xtr: pd.DataFrame, others: list[pd.DataFrame], blocks: dict[s
         m = pd.concat(p, axis=1)
         m.columns = [f"f{i}" for i in range(m.shape[1])]  # safe names for xgboost / lightgbm
         mats.append(m)
-    return mats, names
+    return mats, names, params
 
 
 def inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
@@ -185,11 +201,6 @@ def inner_split(y: np.ndarray, frac: float, rng: np.random.Generator,
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def _renorm(p: np.ndarray) -> np.ndarray:
-    s = p.sum(1, keepdims=True)
-    return np.where(s > 1e-12, p / np.maximum(s, 1e-12), 1.0 / p.shape[1])
-
-
 # ----------------------------------------------------------------------------- heads
 def _make_booster(head: str, hp: dict, seed: int, device: str, spw: float, n_est: int, es: int | None):
     if head == "xgb":
@@ -208,15 +219,17 @@ def _make_booster(head: str, hp: dict, seed: int, device: str, spw: float, n_est
 
 def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: list[pd.DataFrame],
                 seed: int, device: str, balanced: bool, tag: str,
-                groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """One binary booster on the training fold; returns P(positive) for each of `xpred` and gains.
-    `groups` (row-aligned with `xtr`): the early-stopping split keeps each group on one side."""
+                groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray, Any]:
+    """One binary booster on the training fold; returns P(positive) for each of `xpred`, gains and the
+    fitted model (an xgboost / lightgbm Booster cut at the iteration predict_proba uses, or the constant
+    prior as a float). `groups` (row-aligned with `xtr`): the early-stopping split keeps each group on
+    one side."""
     n, pos = len(y), int(y.sum())
     if pos in (0, n):
         prior = (pos + 0.5) / (n + 1.0)
         log.warning("stack %s %s: %d positives of %d in the training fold; constant prior %.4f",
                     head, tag, pos, n, prior)
-        return [np.full(len(x), prior) for x in xpred], np.zeros(xtr.shape[1])
+        return [np.full(len(x), prior) for x in xpred], np.zeros(xtr.shape[1]), float(prior)
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
     fit_i, es_i = inner_split(y, hp["inner_valid_frac"], rng, groups)
     if y[es_i].sum() == 0 or y[es_i].sum() == len(es_i):  # cannot early-stop on one label
@@ -235,6 +248,7 @@ def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: li
         booster = m.get_booster() if es is None else m.get_booster()[: m.best_iteration + 1]
         score = booster.get_score(importance_type="total_gain")
         gain = np.array([score.get(c, 0.0) for c in xtr.columns])
+        model = booster
     else:
         kw: dict[str, Any] = {}
         if es_i is not None:
@@ -243,25 +257,31 @@ def _fit_binary(head: str, hp: dict, xtr: pd.DataFrame, y: np.ndarray, xpred: li
                   "eval_metric": "binary_logloss", "callbacks": [early_stopping(es, verbose=False)]}
         m.fit(xf, yf, **kw)
         gain = m.booster_.feature_importance(importance_type="gain").astype(float)
-    return [m.predict_proba(x)[:, 1] for x in xpred], gain
+        # the trees predict_proba uses (best iteration; 0 = all), as a booster of its own
+        model = lgb.Booster(model_str=m.booster_.model_to_string(num_iteration=m.best_iteration_ or -1))
+    return [m.predict_proba(x)[:, 1] for x in xpred], gain, model
 
 
 def _tree_head(head: str, xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg: dict,
                device: str, fold: int, classes: list[str], bar: Any,
-               groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-class binary boosters averaged over seeds; returns class probs per `xpred` and gains (C, F)."""
+               groups: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray, list[list[Any]]]:
+    """Per-class binary boosters averaged over seeds; returns class probs per `xpred`, gains (C, F) and
+    the models [seed][class] (Booster or constant prior)."""
     seeds, c_n = cfg["seeds"], ytr.shape[1]
     preds = [np.zeros((len(x), c_n)) for x in xpred]
     gains = np.zeros((c_n, xtr.shape[1]))
+    models: list[list[Any]] = []
     for seed in seeds:
+        models.append([])
         for c in range(c_n):
-            ps, g = _fit_binary(head, cfg[head], xtr, ytr[:, c], xpred, seed, device,
+            ps, g, model = _fit_binary(head, cfg[head], xtr, ytr[:, c], xpred, seed, device,
                                 cfg["imbalance"] == "balanced", f"fold{fold}/{classes[c]}/seed{seed}", groups)
             for out, p in zip(preds, ps):
                 out[:, c] += p / len(seeds)
             gains[c] += g / len(seeds)
+            models[-1].append(model)
             bar.update()
-    return ([_renorm(p) for p in preds] if cfg["renorm"] else preds), gains
+    return ([renorm_rows(p) for p in preds] if cfg["renorm"] else preds), gains, models
 
 
 def _lr_pipe(hp: dict):
@@ -270,13 +290,24 @@ def _lr_pipe(hp: dict):
                          lr).set_output(transform="pandas")
 
 
+def _lr_arrays(pipe: Any) -> dict:
+    """A fitted `_lr_pipe`'s arrays: imputer fill, scaler mean/scale, coef, intercept, classes."""
+    imp, sc, est = pipe
+    return {"fill": np.asarray(imp.statistics_, np.float64), "mean": np.asarray(sc.mean_, np.float64),
+            "scale": np.asarray(sc.scale_, np.float64), "coef": np.asarray(est.coef_, np.float64),
+            "intercept": np.asarray(est.intercept_, np.float64), "classes": est.classes_.astype(int).tolist()}
+
+
 def _lr_head(xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg: dict,
-             fold: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Logistic regression on the training fold; multinomial if `renorm`, else one binary per class."""
+             fold: int) -> tuple[list[np.ndarray], np.ndarray, dict]:
+    """Logistic regression on the training fold; multinomial if `renorm`, else one binary per class.
+    Returns class probs per `xpred`, gains (C, F) and the fitted parts: {"multinomial": renorm,
+    "targets": [per target {"prior": ...} or `_lr_arrays`]}."""
     hp, c_n = cfg["lr"], ytr.shape[1]
     preds = [np.zeros((len(x), c_n)) for x in xpred]
     gains = np.zeros((c_n, xtr.shape[1]))
     targets = [ytr.argmax(1)] if cfg["renorm"] else [ytr[:, c] for c in range(c_n)]
+    parts: list[dict] = []
     for c, y in enumerate(targets):
         present = np.unique(y)
         if len(present) < 2:
@@ -287,9 +318,11 @@ def _lr_head(xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg:
                     out[:] = prior
                 else:
                     out[:, c] = prior
+            parts.append({"prior": np.asarray(prior, np.float64).tolist()})
             continue
         pipe = _lr_pipe(hp).fit(xtr, y)
         est = pipe[-1]
+        parts.append(_lr_arrays(pipe))
         coef = np.abs(est.coef_)
         if cfg["renorm"]:
             cls = est.classes_.astype(int)
@@ -303,7 +336,7 @@ def _lr_head(xtr: pd.DataFrame, ytr: np.ndarray, xpred: list[pd.DataFrame], cfg:
             for out, x in zip(preds, xpred):
                 out[:, c] = pipe.predict_proba(x)[:, 1]
             gains[c] = coef[0]
-    return preds, gains
+    return preds, gains, {"multinomial": bool(cfg["renorm"]), "targets": parts}
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -321,6 +354,50 @@ def _test_frames(test: pd.DataFrame | None, test_by_fold: dict[int, pd.DataFrame
         frames[k] = pd.DataFrame(t[feats].to_numpy(np.float64), index=pd.Index(t[ID].astype(str).to_numpy(), name=ID),
                                  columns=feats)
     return frames
+
+
+def _fit_fold(k: int, va: np.ndarray, x_all: pd.DataFrame, y_all: np.ndarray, x_te: pd.DataFrame | None,
+              groups: np.ndarray | None, blocks: dict[str, list[str]], pca_blocks: list[str], cfg: dict,
+              device: str, classes: list[str], bar: Any) -> tuple[dict, list[pd.DataFrame], dict]:
+    """Outer fold k: fold features and every head fitted on `~va`; returns {head: [valid probs, (test
+    probs)]}, the importance rows and the fold's fitted parts ({"blocks", "names", "heads"}). The test
+    rows go through `predict_fold` (lib.tabular.stacker_apply), the path of saved stackers too."""
+    (xtr, *xpred), names, params = _fold_features(x_all[~va], [x_all[va]], blocks, pca_blocks,
+                                                  cfg["pca_components"], seed=cfg["seeds"][0])
+    preds: dict[str, list[np.ndarray]] = {}
+    imp, heads = [], {}
+    c_n = len(classes)
+    for h in cfg["heads"]:
+        if h in TREE_HEADS:
+            preds[h], gains, heads[h] = _tree_head(h, xtr, y_all[~va], xpred, cfg, device, k, classes, bar,
+                                                   None if groups is None else groups[~va])
+        else:
+            preds[h], gains, heads[h] = _lr_head(xtr, y_all[~va], xpred, cfg, k)
+        imp.append(pd.DataFrame({"feature": np.tile(names, c_n), "class": np.repeat(classes, len(names)),
+                                 "head": h, "gain": gains.ravel(), "fold": k}))
+    fitted = {"blocks": params, "names": names, "heads": heads}
+    if x_te is not None:
+        feats = [c for cols in blocks.values() for c in cols]
+        te = predict_fold(fitted, feats, blocks, x_te[feats].to_numpy(np.float64), c_n, cfg["renorm"])
+        for h in cfg["heads"]:
+            preds[h].append(te[h])
+    return preds, imp, fitted
+
+
+def fitted_layout(classes: list[str], feats: list[str], blocks: dict[str, list[str]], pca_blocks: list[str],
+                  cfg: dict, weights: dict[str, float], folds: list[dict]) -> dict:
+    """`StackResult.fitted`: what predicts new rows, fold by fold (lib.tabular.stacker_io applies it).
+
+    classes, feats (the input columns in order), blocks, pca_blocks, heads, weights (normalized head
+    weights), renorm, seeds (the tree heads' random states), n_folds and `folds`: per fold `blocks`
+    (per block `pca`, output `names`, PCA blocks' fill / mean / scale / pca_mean / components arrays),
+    `names` (the fold's model input names) and `heads`: xgb / lgbm [seed][class] Booster or float
+    prior; lr {"multinomial", "targets": [{"prior"} | {fill, mean, scale, coef, intercept, classes}]}.
+    """
+    return {"classes": list(classes), "feats": list(feats), "blocks": {b: list(c) for b, c in blocks.items()},
+            "pca_blocks": list(pca_blocks), "heads": list(cfg["heads"]), "weights": dict(weights),
+            "renorm": bool(cfg["renorm"]), "seeds": [int(s) for s in cfg["seeds"]], "n_folds": len(folds),
+            "folds": folds}
 
 
 def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_blocks: dict[str, list[str]],
@@ -350,48 +427,40 @@ def fit_predict_stack(train: pd.DataFrame, test: pd.DataFrame | None, feature_bl
     oof = {h: np.full((len(train), c_n), np.nan) for h in heads}
     tst = {h: np.zeros((0 if x_te is None else len(x_te), c_n)) for h in heads}
     imp: list[pd.DataFrame] = []
+    fits: list[dict] = []
     n_tree = sum(h in TREE_HEADS for h in heads)
     log.info("stack: %d rows, %d folds, %d features in %d blocks (PCA: %s), heads %s, device %s",
              len(train), n_folds, len(feats), len(feature_blocks), pca_blocks, heads, device)
     with progress(n_folds * len(cfg["seeds"]) * c_n * n_tree, "stack", unit="fit") as bar:
         for k in range(n_folds):
             va = folds == k
-            others = [x_all[va]] + ([] if x_tes is None else [x_tes[k]])
-            (xtr, *xpred), names = _fold_features(x_all[~va], others, feature_blocks, pca_blocks,
-                                                  cfg["pca_components"])
+            preds, fold_imp, fold_fit = _fit_fold(k, va, x_all, y_all, None if x_tes is None else x_tes[k], groups,
+                                                  feature_blocks, pca_blocks, cfg, device, classes, bar)
+            imp += fold_imp
+            fits.append(fold_fit)
             for h in heads:
-                if h in TREE_HEADS:
-                    preds, gains = _tree_head(h, xtr, y_all[~va], xpred, cfg, device, k, classes, bar,
-                                              None if groups is None else groups[~va])
-                else:
-                    preds, gains = _lr_head(xtr, y_all[~va], xpred, cfg, k)
-                oof[h][va] = preds[0]
+                oof[h][va] = preds[h][0]
                 if x_te is not None:
-                    tst[h] += preds[1] / n_folds
-                imp.append(pd.DataFrame({"feature": np.tile(names, c_n), "class": np.repeat(classes, len(names)),
-                                         "head": h, "gain": gains.ravel(), "fold": k}))
+                    tst[h] += preds[h][1] / n_folds
             p = sum(w[h] * oof[h][va] for h in heads)
             yt = y_all[va]
             # logged only: macro F1 (the official Dice, lib.core.scoring) of argmax decisions (renorm) or p > 0.5
             f1 = macro_dice(yt, argmax_onehot(p) if cfg["renorm"] else p)
             log.info("stack fold %d: %d train / %d valid rows, macro F1 %.4f", k, (~va).sum(), va.sum(), f1)
 
-    def table(p: np.ndarray, rid: np.ndarray) -> pd.DataFrame:
-        return pd.concat([pd.DataFrame({ID: rid}), pd.DataFrame(p, columns=classes)], axis=1)
-
     blend_oof = sum(w[h] * oof[h] for h in heads)
-    blend_te = None if x_te is None else sum(w[h] * tst[h] for h in heads)
+    blend_te = None if x_te is None else blend_heads(tst, w, cfg["renorm"])
     if cfg["renorm"]:
-        blend_oof = _renorm(blend_oof)
-        blend_te = None if blend_te is None else _renorm(blend_te)
+        blend_oof = renorm_rows(blend_oof)
     te_ids = None if x_te is None else x_te.index.to_numpy()
     importance = (pd.concat(imp).groupby(["feature", "class", "head"], sort=False, as_index=False)["gain"].mean()
                   .sort_values(["head", "class", "gain"], ascending=[True, True, False], ignore_index=True))
     return StackResult(
-        oof=table(blend_oof, ids),
-        test=None if x_te is None else table(blend_te, te_ids),
-        per_head_oof={h: table(oof[h], ids) for h in heads},
-        per_head_test={} if x_te is None else {h: table(tst[h], te_ids) for h in heads},
+        oof=prob_table(blend_oof, ids, classes),
+        test=None if x_te is None else prob_table(blend_te, te_ids, classes),
+        per_head_oof={h: prob_table(oof[h], ids, classes) for h in heads},
+        per_head_test={} if x_te is None else {h: prob_table(tst[h], te_ids, classes) for h in heads},
         importance=importance,
         fold_of=pd.Series(folds, index=pd.Index(ids, name=ID), name="fold"),
+        fitted=fitted_layout(classes, feats, feature_blocks, pca_blocks, cfg, w, fits),
     )

@@ -37,10 +37,14 @@ from lib.data.dataset import model_inputs, table_fingerprint
 from lib.training import distributed as D
 from lib.training.data import (
     LesionDataset,
+    Tabular,
     make_loader,
+    model_modalities,
+    resolve_workers,
     to_device,
 )
-from lib.training.optim import autocast
+from lib.training.optim import amp_setup, autocast
+from lib.vision.tta import parse_views
 from lib.vision.models import build_model
 from lib.vision.onnx_trunk import onnx_forward, onnx_path, resolve_runtime
 from lib.vision.transforms import full_spec
@@ -260,11 +264,12 @@ def fold_logit_features(cfg: dict, exp: str, info: dict, train: pd.DataFrame, te
                out_dir / features_file(exp, "train", "json"))
     if tests:
         paths["test"] = out_dir / features_file(exp, "test")
-        write_parquet(prediction_table(test[ID], np.mean(tests, 0), cols), paths["test"])
+        mean, by_fold = fold_logit_test_tables(exp, classes, test[ID], dict(zip(folds, tests)))
+        write_parquet(mean, paths["test"])
         write_json({**meta, "split": "test", "n": len(test), "source": "mean of the fold models' test logits"},
                    out_dir / features_file(exp, "test", "json"))
         paths[TEST_BY_FOLD] = out_dir / features_file(exp, TEST_BY_FOLD)
-        write_parquet(fold_prediction_table(test[ID], dict(zip(folds, tests)), cols), paths[TEST_BY_FOLD])
+        write_parquet(by_fold, paths[TEST_BY_FOLD])
         write_json({**meta, "split": TEST_BY_FOLD, "n": len(test), "source": "each fold model's test logits"},
                    out_dir / features_file(exp, TEST_BY_FOLD, "json"))
     log.info("%s: fold-model logits (%d classes) for %d train%s lesions", exp, len(cols), len(train),
@@ -294,3 +299,58 @@ def _fold_logits(cfg: dict, exp: str, k: int, rows: pd.DataFrame, test: pd.DataF
         te = pd.read_parquet(folder / FOLD_TEST_LOGITS)
         assert_same_ids(te, test, f"{exp} fold {k} test logits vs test", ordered=True)
     return oof, te
+
+
+# ----------------------------------------------------------------------------- fold models out of a bundle
+
+
+def fold_model_state(path: Path) -> tuple[dict, dict]:
+    """A fold's model.pt (weights_only) -> (its state dict, the rest: JSON-able) for a bundle."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if obj.get("format_version") != CHECKPOINT_VERSION:
+        raise MissingArtifactError(f"{path} has model format version {obj.get('format_version')} (this code reads "
+                                   f"{CHECKPOINT_VERSION}): retrain that experiment with 02_train_fold.py")
+    state = {k: v.detach().cpu().contiguous() for k, v in obj["state_dict"].items()}
+    return state, {k: v for k, v in obj.items() if k != "state_dict"}
+
+
+def load_bundled_fold_model(weights: Path, meta: dict, device: str = "cpu") -> nn.Module:
+    """A fold model from a bundle: safetensors weights + model.json (what `fold_model_state` split off)."""
+    from safetensors.torch import load_file
+
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise MissingArtifactError(f"{weights}: model format version {meta.get('format_version')} (this code reads "
+                                   f"{CHECKPOINT_VERSION}): export the bundle again")
+    model = build_model(meta["model_cfg"], weights=None, **meta["model_args"])
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device).eval()
+
+
+def fold_test_pass(cfg: dict, info: dict, test: pd.DataFrame, model: nn.Module, meta: dict, folder: Path,
+                   d: D.Dist, desc: str) -> np.ndarray:
+    """TTA-averaged logits of a finished fold model (weights + `meta`, as model.pt holds them) for every
+    test row, through the fold's inference setup: its preprocessing spec and tabular state, the
+    experiment's `train.tta` views, batch size, AMP and channels_last, in `features.runtime`'s engine
+    (ONNX Runtime exported under `folder`). The predict path of a bundle; 02 runs the same `infer`."""
+    tcfg = cfg["train"]
+    spec = saved_spec(meta)
+    ds = LesionDataset(test, folder=Path(cfg["paths"]["prep"]), modalities=model_modalities(info, meta["model_cfg"]),
+                       classes=list(info["classes"]), tab=Tabular.from_state(meta["tabular"]), spec=spec)
+    amp_dtype, _ = amp_setup(tcfg["amp"], d.device)
+    workers = resolve_workers(int(tcfg["workers"]))
+    cl = bool(tcfg["channels_last"])
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    fn = finished_forward(model, cfg, folder, d, amp_dtype, workers, ds.spec)
+    return infer(fn, model, ds, parse_views(tcfg["tta"]), d.device, int(tcfg["batch_size"]), workers, amp_dtype,
+                 cl, d, desc=desc)
+
+
+def fold_logit_test_tables(exp: str, classes: list[str], ids, per_fold: dict[int, np.ndarray]
+                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`features.from_exps` test features of experiment `exp`: (the mean over its fold models' test
+    logits, each fold model's own: `fold_model` column)."""
+    cols = [f"logit_{exp}_{c}" for c in classes]
+    mean = prediction_table(ids, np.mean(list(per_fold.values()), 0), cols)
+    return mean, fold_prediction_table(ids, per_fold, cols)
+

@@ -2,6 +2,7 @@
 and OOF members / features refused when made on another folds.csv or before manifests existed."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,90 @@ def test_each_fold_stacker_reads_its_fold_models_test_features(preps: Path) -> N
     write_parquet(bad, folder / A.features_file("fb", A.TEST_BY_FOLD))
     with pytest.raises(PipelineError, match=f"no rows of fold model {folds[-1]}"):
         stack.test_by_fold(cfg, mean, folds)
+
+
+# ----------------------------------------------------------------------------- fitted stackers (stacker/)
+TREES = ("stack.heads=[xgb, lr]", "stack.lr.max_iter=200", "stack.xgb.n_estimators=15", "stack.xgb.device=cpu",
+         "stack.xgb.n_jobs=1", "stack.xgb.early_stopping_rounds=5")
+
+
+def _probs(path: Path) -> np.ndarray:
+    df = pd.read_parquet(path)
+    return df.drop(columns=ID).to_numpy()
+
+
+def test_rerun_on_same_training_inputs_predicts_with_the_saved_stackers(preps: Path, make_member, monkeypatch,
+                                                                         caplog) -> None:
+    """04 rerun (e.g. a new test release) on unchanged training inputs loads stacker/ and predicts the test
+    rows only: the fitter is never called, test.parquet is the same; a changed training input refits."""
+    make_member(stage_cfg(preps, "x"), "s_re_m", seed=1)
+    cfg = stage_cfg(preps, "s_re", *TREES, "stack.oof_exps=[s_re_m]")
+    stack.run(cfg)
+    out = preps / "s_re"
+    doc = read_json(out / A.STACKER_DIR / A.STACKER_JSON)
+    assert doc["format_version"] == A.STACKER_FORMAT_VERSION and set(doc["fingerprint"]) == {"train", "config",
+                                                                                               "folds_sha1"}
+    first, oof_mtime = _probs(out / A.TEST), (out / A.OOF).stat().st_mtime_ns
+    (out / A.TEST).unlink()
+
+    def no_fit(*a, **kw):
+        raise AssertionError("fit_predict_stack called")
+    monkeypatch.setattr(stack, "fit_predict_stack", no_fit)
+    caplog.set_level("INFO", logger="lib.stages.stack")
+    cv = stack.run(cfg)
+    assert "not refitting, predicting the test rows only" in caplog.text and cv["stage"] == "stack"
+    assert np.abs(_probs(out / A.TEST) - first).max() < 1e-6
+    assert np.array_equal(_probs(out / A.TEST), first)            # the fault battery compares reruns exactly
+    assert (out / A.OOF).stat().st_mtime_ns == oof_mtime          # the OOF side is kept
+    arrays = out / A.STACKER_DIR / A.fold_name(0) / A.STACKER_ARRAYS
+    good = arrays.read_bytes()
+    arrays.write_bytes(good[: len(good) // 2])                      # a corrupt stacker is refitted, never used
+    with pytest.raises(AssertionError, match="fit_predict_stack called"):
+        stack.run(cfg)
+    assert "cannot reuse the fitted stackers" in caplog.text
+    arrays.write_bytes(good)                                        # restored (the refit removed stacker.json)
+    (out / A.STACKER_DIR / A.STACKER_JSON).write_text(json.dumps(doc))
+    stack.run(cfg)                                                  # reused again
+    make_member(stage_cfg(preps, "x"), "s_re_m", seed=2)           # the member's OOF changed: refit
+    with pytest.raises(AssertionError, match="fit_predict_stack called"):
+        stack.run(cfg)
+    assert not (out / A.STACKER_DIR / A.STACKER_JSON).exists()    # never left paired with other OOF tables
+
+
+def test_predict_test_from_the_test_side_alone(preps: Path, make_member, tmp_path: Path) -> None:
+    """`predict_test` on a fresh output folder holding only test-side files (03's test features, the
+    member's test.parquet, their manifests, folds.csv, stacker/) equals 04's test.parquet."""
+    import shutil
+    make_member(stage_cfg(preps, "x"), "s_pt_m", seed=3)
+    _fake_features(stage_cfg(preps, "x"), "s_pt_feat")
+    over = (*TREES, "stack.oof_exps=[s_pt_m]", "stack.features=[fk]", "stack.features_exp=s_pt_feat")
+    cfg = stage_cfg(preps, "s_pt", *over)
+    stack.run(cfg)
+    fresh = tmp_path / "bundle"
+    for rel in [f"p42/{A.FOLDS}", f"s_pt_m/{A.TEST}", f"s_pt_m/{A.MANIFEST}",
+                f"s_pt_feat/{A.FEATURES}/{A.features_file('fk', 'test')}", f"s_pt_feat/{A.FEATURES}/{A.MANIFEST}"]:
+        (fresh / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(preps / rel, fresh / rel)
+    shutil.copytree(preps / "s_pt" / A.STACKER_DIR, fresh / "stacker")
+    info, _, test = load_dataset(cfg)
+    fcfg = stage_cfg(fresh, "s_pt", *over)
+    got = stack.predict_test(fcfg, info, test, fresh / "stacker")
+    want = pd.read_parquet(preps / "s_pt" / A.TEST)
+    assert list(got[ID]) == list(want[ID])
+    assert np.abs(got[info["classes"]].to_numpy() - want[info["classes"]].to_numpy()).max() < 1e-6
+    with pytest.raises(PipelineError, match=r"feature columns differ from those of .*stacker.json: missing \['oof_s_pt_m"):
+        stack.predict_test(stage_cfg(fresh, "s_pt", *over, "stack.oof_exps=[]"), info, test, fresh / "stacker")
+
+
+def test_tree_seeds_follow_the_top_level_seed(preps: Path) -> None:
+    """The heads' random states come from the top-level seed and stack.seeds (issue 27 item 10)."""
+    def run(exp: str, seed: int) -> tuple[dict, np.ndarray]:
+        cv = stack.run(stage_cfg(preps, exp, *TREES, "stack.heads=[xgb]", "stack.use_meta=true", f"seed={seed}"))
+        return cv, _probs(preps / exp / A.HEADS / A.head_file("oof", "xgb"))
+    cv1, a = run("s_seed1", 1)
+    cv1b, b = run("s_seed1b", 1)
+    cv2, c = run("s_seed2", 2)
+    assert cv1["stack"]["seeds"]["head_seeds"] == cv1b["stack"]["seeds"]["head_seeds"] \
+        != cv2["stack"]["seeds"]["head_seeds"]
+    assert cv1["stack"]["seeds"]["stack_seeds"] == [0] and cv1["stack"]["seeds"]["seed"] == 1
+    assert np.array_equal(a, b) and not np.allclose(a, c)

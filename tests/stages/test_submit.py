@@ -145,3 +145,29 @@ def test_logit_adjust_enters_the_nested_estimate_with_priors_from_the_other_fold
             assert b[rule]["ci_low"] <= b[rule]["macro_dice"] <= b[rule]["ci_high"]
     md = (preps / "sub_tau2.0" / A.REPORT).read_text()
     assert f"{h2['bootstrap']['argmax']['se']:.4f}" in md and "blend weights and priors from the other folds" in md
+
+
+def test_submit_writes_the_model_card(preps: Path, make_member) -> None:
+    """05 writes model_card.json / .md (subgroups decoded from the sample's MILK10k metadata) and shows
+    them in report.md with the subgroup plot; the card's per-class figures are the submitted decision's."""
+    base = stage_cfg(preps, "m")
+    make_member(base, "mc_a", seed=3)
+    cfg = _submit_cfg(preps, "sub_card", ["mc_a"])
+    cv = submit.run(cfg)
+    out = preps / "sub_card"
+    card = read_json(out / A.MODEL_CARD_JSON)
+    assert set(card["subgroups"]["columns"]) == {"sex", "site", "skin_tone_class", "age_approx band"}
+    assert card["data"]["n_lesions"] == 98 and card["cv"]["macro_dice_nested"] == cv["submit"]["honest_cv"][
+        "macro_dice_nested"] and card["cv"]["decision"] == cv["submit"]["decision"]
+    assert sum(e["n"] for e in card["subgroups"]["columns"]["sex"]) == 98
+    info, train, _ = load_dataset(cfg)
+    oof = pd.read_parquet(out / A.OOF).set_index("lesion_id").loc[train["lesion_id"], info["classes"]].to_numpy()
+    thr = np.array([cv["thresholds"][c] for c in info["classes"]])
+    dec = D.apply_rule(oof, cv["submit"]["decision"], thr)
+    y = train[[f"y_{c}" for c in info["classes"]]].to_numpy()
+    assert [e["dice"] for e in card["per_class"]] == [round(float(v), 4) for v in M.dice_per_class(y, dec)]
+    md = (out / A.MODEL_CARD_MD).read_text()
+    assert all(f"**{c}**" in md for c in card["subgroups"]["columns"]) and "## Limits" in md
+    rep = (out / A.REPORT).read_text()
+    assert "## Model card" in rep and f"]({A.REPORT_DIR}/{A.FIG_SUBGROUPS})" in rep
+    assert (out / A.REPORT_DIR / A.FIG_SUBGROUPS).is_file()
