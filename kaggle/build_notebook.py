@@ -280,22 +280,27 @@ P_PREDICT = """import shutil
 
 run("06_predict", sys.executable, "06_predict.py", "--bundle", BUNDLE, "--test-data", TEST, "--output", OUT,
     *EXTRA_ARGS)
-shutil.copy2(OUT / "predict" / "submission.csv", WORK / "submission.csv")"""
+print("submission:", shutil.copy2(OUT / "predict" / "submission.csv", WORK / "submission.csv"))"""
 
 P_REPORT_MD = """## 4. The model and the submission
-The bundle's summary (`bundle.json`) and model card (what it was trained on, cross-validation figures),
-then the head of `submission.csv`."""
+The bundle's summary (`bundle.json`: data format, task, classes, the recipe's experiments), its model
+card (what it was trained on, cross-validation and subgroup figures) with its plots, then the head of
+`submission.csv`."""
 
 P_REPORT = """import pandas as pd
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 
 doc = json.loads((BUNDLE / "bundle.json").read_text())
-print({k: v for k, v in doc.items() if not isinstance(v, (dict, list))})
+data, recipe = doc.get("data", {}), doc.get("recipe", {})
+print({k: data.get(k) for k in ("format", "task", "classes", "modalities")}, "| trained on", doc.get("n_train"),
+      "| created", doc.get("created_utc"), "| experiments:", [f"{e['kind']} {e['exp']}" for e in recipe.get("experiments", [])])
 card = BUNDLE / "model_card.md"
 if card.is_file():
     display(Markdown(card.read_text()))
 else:
     print("the bundle has no model_card.md")
+for png in sorted(BUNDLE.glob("*.png")):
+    display(Markdown(f"**{png.stem}**"), Image(filename=str(png)))
 sub = pd.read_csv(WORK / "submission.csv")
 print(WORK / "submission.csv", sub.shape)
 display(sub.head())"""

@@ -116,6 +116,15 @@ def test_predict_notebook_reproduces_the_training_runs_submission(milk10k: dict)
     assert (milk10k["out"] / "timings.json").is_file() and (milk10k["out"] / "output" / "predict").is_dir()
 
 
+def test_predict_notebook_shows_the_model_card_and_the_bundle(milk10k: dict) -> None:
+    assert milk10k["nb"] is not None
+    data = [o.get("data", {}) for c in milk10k["nb"].cells for o in c.get("outputs", [])]
+    cards = [d["text/markdown"] for d in data if "text/markdown" in d]
+    assert any(card == (milk10k["bundle"] / "model_card.md").read_text() for card in cards)
+    assert any("image/png" in d for d in data) == any(milk10k["bundle"].glob("*.png"))
+    assert "'task': 'multiclass'" in milk10k["kr"].cell_text(milk10k["nb"])
+
+
 def test_predict_notebook_is_offline_and_writes_nothing_into_its_inputs(milk10k: dict) -> None:
     assert milk10k["nb"] is not None
     assert_offline_and_untouched(milk10k)
