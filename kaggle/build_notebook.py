@@ -1,5 +1,7 @@
-"""Writes kaggle/milk10k_kernel.ipynb from the cells below (edit here, then `python kaggle/build_notebook.py`;
-tests/tools/test_kaggle_notebook.py fails when the committed notebook and this file disagree)."""
+"""Writes the two Kaggle notebooks from the cells below (edit here, then `python kaggle/build_notebook.py`;
+tests/tools/test_kaggle_notebook.py fails when a committed notebook and this file disagree):
+kaggle/milk10k_kernel.ipynb (train a recipe, 01 -> 05) and kaggle/predict_kernel.ipynb (score a test
+release with a trained bundle, 06_predict.py); they share the setup, install and times cells."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +10,11 @@ from pathlib import Path
 import nbformat
 
 NOTEBOOK = Path(__file__).with_name("milk10k_kernel.ipynb")
+PREDICT_NOTEBOOK = Path(__file__).with_name("predict_kernel.ipynb")
+NOTEBOOKS = {"train": NOTEBOOK, "predict": PREDICT_NOTEBOOK}
 PARAMETER_NAMES = ("CODE_DIR", "WHEELS_DIR", "DATA_DIR", "WORK_DIR", "RECIPE", "SKLESION_WEIGHTS", "EXTRA_ARGS")
+PREDICT_PARAMETER_NAMES = ("CODE_DIR", "WHEELS_DIR", "BUNDLE_DIR", "TEST_DIR", "WORK_DIR", "SKLESION_WEIGHTS",
+                           "EXTRA_ARGS")
 
 INTRO = """# MILK10k skin-lesion pipeline in a Kaggle kernel (offline)
 
@@ -47,7 +53,7 @@ the recipe plan (`lib/stages/plan.py`: which script runs with which recipe file,
 defines `run()`, which streams a command's output into the cell and stops the notebook with the
 command's last line when it fails (bad input exits with code 2 and one line)."""
 
-SETUP = """import json, os, subprocess, sys, time
+SETUP_HEAD = """import json, os, subprocess, sys, time
 from pathlib import Path
 
 CODE, WORK = Path(CODE_DIR), Path(WORK_DIR)
@@ -79,7 +85,9 @@ def run(name, *cmd):
         raise StageFailed(f"{name} exited {p.returncode}: {last}")
 
 
-assert (CODE / "run_all.sh").is_file(), f"CODE_DIR {CODE} does not hold the repository"
+"""
+
+SETUP = SETUP_HEAD + """assert (CODE / "run_all.sh").is_file(), f"CODE_DIR {CODE} does not hold the repository"
 sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]           # the import below writes no .pyc into CODE
 sys.path.insert(0, str(CODE))
 from lib.stages.plan import plan_configs, recipe_plan            # the stage commands of a recipe folder
@@ -202,12 +210,103 @@ for name, sec in TIMES.items():
 print(f"{'total':32s} {sum(TIMES.values()):8.1f} s")"""
 
 
-def build() -> nbformat.NotebookNode:
-    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
-    cells = [md(INTRO), code(PARAMS, metadata={"tags": ["parameters"]}), md(SETUP_MD), code(SETUP),
-             md(INSTALL_MD), code(INSTALL), md(WEIGHTS_MD), code(WEIGHTS), md(PREP_MD), code(PREP),
-             md(TRAIN_MD), code(TRAIN), md(STACK_MD), code(STACK), md(SUBMIT_MD), code(SUBMIT),
-             md(REPORT_MD), code(REPORT), md(TIMES_MD), code(TIMES)]
+# ----------------------------------------------------------------------------- the inference kernel
+# kaggle/predict_kernel.ipynb: a trained bundle (tools/export_bundle.py) scores a test release with
+# 06_predict.py; it shares the setup, install and times cells above.
+
+P_INTRO = """# Skin-lesion pipeline: inference kernel (a trained bundle, offline)
+
+Scores a competition's test folder with a recipe trained elsewhere and leaves `submission.csv` in the
+working folder, without internet and without the training data. Attach (**Add data**):
+
+| input | what | made by |
+|---|---|---|
+| code | this repository as a dataset (read-only) | upload the repo folder |
+| wheels | every package except torch/torchvision (Kaggle's own are used) | `bash tools/make_wheels.sh /tmp/wheels` on a machine with internet, for the kernel's Python (3.11) |
+| bundle | a trained recipe: `bundle.json` + its safetensors / JSON / XGBoost / LightGBM files | `python tools/export_bundle.py output/<submit_exp> BUNDLE_DIR` after a training run (this repo's kernel `milk10k_kernel.ipynb`, `run_all.sh`, or any machine), upload `BUNDLE_DIR` |
+| test data | the competition's test release, any layout the pipeline reads: ISIC 2024 (`test-metadata.csv` + `test-image.hdf5`), MILK10k (`MILK10k_Test_*`), ISIC 2019 / 2020 | the competition (**Add data**) |
+| (optional) sklesion weights | the converted sklesion Xception `.pth` (bundles with the sklesion encoder) | `python tools/kaggle_install.py export-sklesion --out skl-weights` (needs Keras 3) |
+
+One command does the work: `06_predict.py --bundle BUNDLE_DIR --test-data TEST_DIR --output WORK_DIR/output`
+(bad input stops with one line naming the file and the problem). Nothing is written into
+`/kaggle/input`; outputs, caches and converted weights go under `WORK_DIR`. `EXTRA_ARGS` passes runtime
+overrides to it, e.g. `["threads=4"]` or `["device=cuda"]`; what the bundle learned is not changed by them."""
+
+P_PARAMS = """# Paths and choices: the only cell to edit. The offline rehearsal replaces it with local paths.
+CODE_DIR = "/kaggle/input/skin-lesion-pipeline"   # the repository (read-only dataset)
+WHEELS_DIR = "/kaggle/input/skl-wheels"           # tools/make_wheels.sh output; None = everything already installed
+BUNDLE_DIR = "/kaggle/input/skl-bundle"           # tools/export_bundle.py output (holds bundle.json)
+TEST_DIR = "/kaggle/input/isic-2024-challenge"    # the test release: test-metadata.csv + test-image.hdf5, MILK10k_Test_*, ...
+WORK_DIR = "/kaggle/working"                      # writable: output/, caches, submission.csv
+SKLESION_WEIGHTS = None                           # e.g. "/kaggle/input/skl-weights/sklesion-0.2.2_legacy_xception.pth"
+EXTRA_ARGS = []                                   # runtime overrides for 06_predict.py, e.g. ["threads=4"]"""
+
+P_SETUP_MD = """## Setup
+Resolves the paths, keeps every write under `WORK_DIR` (Python byte-code, converted weights, matplotlib
+cache), turns off the one network call a package makes by itself (albumentations' update check) and
+defines `run()`, which streams a command's output into the cell and stops the notebook with the
+command's last line when it fails (bad input exits with code 2 and one line)."""
+
+P_SETUP = SETUP_HEAD + """BUNDLE, TEST = Path(BUNDLE_DIR), Path(TEST_DIR)
+assert (CODE / "06_predict.py").is_file(), f"CODE_DIR {CODE} does not hold the repository (no 06_predict.py)"
+print(sys.version.split()[0], "| code", CODE, "| bundle", BUNDLE, "| test", TEST, "| work", WORK)"""
+
+P_WEIGHTS_MD = """## 2. sklesion weights (only for bundles that use the sklesion encoder)
+A bundle records its encoders' weights by identity and sha256, it does not carry them: packaged weights
+come with the wheels, but the sklesion Xception needs Keras 3 to convert, so the converted `.pth` travels
+as a dataset (`python tools/kaggle_install.py export-sklesion --out skl-weights`). `SKLESION_WEIGHTS`
+links it into the weights cache; `06_predict.py` checks its sha256 against the bundle."""
+
+P_WEIGHTS = """# The experiments' resolved configs in the bundle name every encoder's weights.
+uses_sklesion = any("pypi:sklesion" in f.read_text() for f in sorted(BUNDLE.rglob("*.yaml")))
+if SKLESION_WEIGHTS:
+    run("sklesion weights", sys.executable, "tools/kaggle_install.py", "sklesion",
+        "--file", SKLESION_WEIGHTS, "--cache", os.environ["SKL_CACHE_DIR"])
+elif uses_sklesion:
+    raise StageFailed(f"the bundle {BUNDLE} uses the sklesion encoder but SKLESION_WEIGHTS is None: attach the "
+                      "converted file (python tools/kaggle_install.py export-sklesion --out DIR, upload DIR) "
+                      "and set SKLESION_WEIGHTS")
+else:
+    print("the bundle does not use sklesion: nothing to place")"""
+
+P_PREDICT_MD = """## 3. Predict (`06_predict.py`)
+Reads the test release (its layout is recognised: ISIC 2024 HDF5, MILK10k, ISIC 2019 / 2020, ...),
+checks it against the bundle (format, modalities, metadata columns), caches the test images under
+`WORK_DIR/output`, runs the recipe's test side (fold models, frozen features, stackers, the blend and
+the decision rule saved at training time) and writes the validated submission; it is copied to
+`WORK_DIR/submission.csv`."""
+
+P_PREDICT = """import shutil
+
+run("06_predict", sys.executable, "06_predict.py", "--bundle", BUNDLE, "--test-data", TEST, "--output", OUT,
+    *EXTRA_ARGS)
+print("submission:", shutil.copy2(OUT / "predict" / "submission.csv", WORK / "submission.csv"))"""
+
+P_REPORT_MD = """## 4. The model and the submission
+The bundle's summary (`bundle.json`: data format, task, classes, the recipe's experiments), its model
+card (what it was trained on, cross-validation and subgroup figures) with its plots, then the head of
+`submission.csv`."""
+
+P_REPORT = """import pandas as pd
+from IPython.display import Image, Markdown, display
+
+doc = json.loads((BUNDLE / "bundle.json").read_text())
+data, recipe = doc.get("data", {}), doc.get("recipe", {})
+print({k: data.get(k) for k in ("format", "task", "classes", "modalities")}, "| trained on", doc.get("n_train"),
+      "| created", doc.get("created_utc"), "| experiments:", [f"{e['kind']} {e['exp']}" for e in recipe.get("experiments", [])])
+card = BUNDLE / "model_card.md"
+if card.is_file():
+    display(Markdown(card.read_text()))
+else:
+    print("the bundle has no model_card.md")
+for png in sorted(BUNDLE.glob("*.png")):
+    display(Markdown(f"**{png.stem}**"), Image(filename=str(png)))
+sub = pd.read_csv(WORK / "submission.csv")
+print(WORK / "submission.csv", sub.shape)
+display(sub.head())"""
+
+
+def _notebook(cells: list) -> nbformat.NotebookNode:
     for i, c in enumerate(cells):
         c["id"] = f"cell-{i:02d}"
     nb = nbformat.v4.new_notebook(cells=cells)
@@ -216,10 +315,27 @@ def build() -> nbformat.NotebookNode:
     return nb
 
 
-def render() -> str:
-    return nbformat.writes(build()) + "\n"
+def build() -> nbformat.NotebookNode:
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    return _notebook([md(INTRO), code(PARAMS, metadata={"tags": ["parameters"]}), md(SETUP_MD), code(SETUP),
+                      md(INSTALL_MD), code(INSTALL), md(WEIGHTS_MD), code(WEIGHTS), md(PREP_MD), code(PREP),
+                      md(TRAIN_MD), code(TRAIN), md(STACK_MD), code(STACK), md(SUBMIT_MD), code(SUBMIT),
+                      md(REPORT_MD), code(REPORT), md(TIMES_MD), code(TIMES)])
+
+
+def build_predict() -> nbformat.NotebookNode:
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    return _notebook([md(P_INTRO), code(P_PARAMS, metadata={"tags": ["parameters"]}), md(P_SETUP_MD),
+                      code(P_SETUP), md(INSTALL_MD), code(INSTALL), md(P_WEIGHTS_MD), code(P_WEIGHTS),
+                      md(P_PREDICT_MD), code(P_PREDICT), md(P_REPORT_MD), code(P_REPORT), md(TIMES_MD),
+                      code(TIMES)])
+
+
+def render(which: str = "train") -> str:
+    return nbformat.writes(build_predict() if which == "predict" else build()) + "\n"
 
 
 if __name__ == "__main__":
-    NOTEBOOK.write_text(render())
-    print(f"wrote {NOTEBOOK}", file=sys.stderr)
+    for which, path in NOTEBOOKS.items():
+        path.write_text(render(which))
+        print(f"wrote {path}", file=sys.stderr)

@@ -1,22 +1,30 @@
-"""Offline rehearsal of the Kaggle kernel route (issue 18): kaggle/milk10k_kernel.ipynb run headless the
-way a Kaggle kernel runs it, and checked.
+"""Offline rehearsal of the Kaggle kernel route (issue 18): a kernel notebook run headless the way a
+Kaggle kernel runs it, and checked. Two notebooks: `--notebook train` (kaggle/milk10k_kernel.ipynb,
+the recipe 01 -> 05 on the sample) and `--notebook predict` (kaggle/predict_kernel.ipynb: a trained
+bundle from tools/export_bundle.py scores a test release with 06_predict.py).
 
     nice -n 10 python tools/kaggle_rehearsal.py --wheels /tmp/wheels --work /tmp/kaggle_rehearsal
+    nice -n 10 python tools/kaggle_rehearsal.py --notebook predict --bundle /tmp/bundle \
+        [--test-data input/isic2024_test_sample] --wheels /tmp/wheels --work /tmp/kaggle_predict
 
 1. wheels: `tools/make_wheels.sh` for the kernel's Python/platform (skipped when --wheels exists);
 2. a fresh virtual environment holding only the "preinstalled" stand-ins a Kaggle image has (torch,
    torchvision, ipykernel and their dependencies, linked from this Python) — every other package must
    come from the wheels folder, installed by the notebook itself with `pip --no-index` (pip's own
    config files and PIP_* variables are cut off, so no index or local wheel cache is reachable);
-3. the code (git-tracked files) and the data copied to read-only folders (chmod -R a-w);
+3. the code (git-tracked files) and the data copied to read-only folders (chmod -R a-w); for the
+   predict notebook the bundle and only the test files of the test release (`release_test_files`:
+   MILK10k_Test_*, test-metadata.csv, test-image*, ...; default the sample's test release), so no
+   training image is within the notebook's reach;
 4. the notebook executed by nbclient in that venv with HOME, outputs and caches in a temporary writable
    folder and a network guard (sitecustomize.py: any non-loopback connect or name lookup is refused and
    logged; the run fails if the log is not empty);
-5. checks: no cell failed, submission.csv written, code and data trees unchanged (content hashes),
+5. checks: no cell failed, submission.csv written, code and data (bundle, test) trees unchanged (content hashes),
    nothing logged by the guard; prints install / run times (the notebook's timings.json).
 
-The e2e test tests/e2e/test_kaggle.py uses the same helpers in the current environment (no wheels).
-Bad input (missing wheels folder given with --no-build) prints one line and exits 2.
+The e2e tests tests/e2e/test_kaggle.py and tests/e2e/test_kaggle_predict.py use the same helpers in the
+current environment (no wheels). Bad input (missing wheels folder given with --no-build, a predict
+rehearsal without a bundle or test release) prints one line and exits 2 before anything is written.
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ from lib.core.errors import PipelineError  # noqa: E402
 from tools._common import run_tool  # noqa: E402
 
 NOTEBOOK = ROOT / "kaggle" / "milk10k_kernel.ipynb"
+NOTEBOOKS = {"train": NOTEBOOK, "predict": ROOT / "kaggle" / "predict_kernel.ipynb"}
+SAMPLE = ROOT / "input" / "milk10k_sample"
 STANDIN_DISTS = ("torch", "torchvision", "ipykernel")
 SETUP_STEPS = ("check output", "install", "check runtime")  # the notebook's steps before the stages
 
@@ -124,6 +134,41 @@ def copy_read_only(src_files: list[Path], src_root: Path, dst: Path) -> Path:
         shutil.copy2(f, target)
     make_read_only(dst)
     return dst
+
+
+def _test_part(name: str) -> bool:
+    n = name.lower()
+    return n == "test" or n.startswith(("test-", "test_", "test.")) or "_test_" in n or "_test." in n
+
+
+def release_test_files(release: Path) -> list[Path]:
+    """The test side of a release folder: files with a path part named like a test split (MILK10k_Test_*,
+    test-metadata.csv, test-image.hdf5, ISIC_2019_Test_*, test.csv + jpeg/test/); never the training files,
+    held-out labels (held_out/, *GroundTruth*) or READMEs."""
+    def wanted(rel: Path) -> bool:
+        name = rel.name.lower()
+        return (any(map(_test_part, rel.parts)) and "held_out" not in rel.parts and "groundtruth" not in name
+                and not name.startswith("readme"))
+    return sorted(f for f in release.rglob("*") if f.is_file() and wanted(f.relative_to(release)))
+
+
+def predict_inputs(work: Path, bundle: Path, test: Path) -> dict[str, Path]:
+    """Read-only copies for the inference kernel under work/input: code (git files), the bundle, and the
+    test release's test files only."""
+    files = release_test_files(test)
+    if not files:
+        raise PipelineError(f"{test} holds no test files (MILK10k_Test_*, test-metadata.csv, test-image*, ...)")
+    return dict(code=copy_read_only(tracked_files(ROOT), ROOT, work / "input" / "code"),
+                bundle=copy_read_only([f for f in bundle.rglob("*") if f.is_file()], bundle, work / "input" / "bundle"),
+                test=copy_read_only(files, test, work / "input" / "test"))
+
+
+def predict_params(inputs: dict[str, Path], work_dir: Path, wheels: Path | None, extra: list[str],
+                   sklesion: str | None = None) -> dict[str, object]:
+    """The predict notebook's parameters cell for these read-only inputs."""
+    return dict(CODE_DIR=str(inputs["code"]), WHEELS_DIR=str(wheels) if wheels else None,
+                BUNDLE_DIR=str(inputs["bundle"]), TEST_DIR=str(inputs["test"]), WORK_DIR=str(work_dir),
+                SKLESION_WEIGHTS=sklesion, EXTRA_ARGS=list(extra))
 
 
 def make_read_only(root: Path) -> None:
@@ -266,11 +311,24 @@ def build_wheels(wheels: Path) -> float:
     return time.time() - t0
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Wheels, venv with stand-ins, read-only code and data; returns the paths."""
-    work = args.work
-    if not args.wheels.is_dir() and args.no_build:  # before anything is removed or written
+def check_args(args: argparse.Namespace) -> None:
+    """Bad input, found before anything is removed or written."""
+    if not args.wheels.is_dir() and args.no_build:
         raise PipelineError(f"wheels folder {args.wheels} not found (drop --no-build to build it)")
+    if args.notebook != "predict":
+        return
+    if args.bundle is None or not (args.bundle / "bundle.json").is_file():
+        raise PipelineError(f"--bundle {args.bundle}: no bundle.json there (make one: python tools/export_bundle.py "
+                            "output/<submit_exp> BUNDLE_DIR)")
+    if not args.test_data.is_dir() or not release_test_files(args.test_data):
+        raise PipelineError(f"--test-data {args.test_data}: no test release there (MILK10k_Test_*, test-metadata.csv, "
+                            "test-image*, ...)")
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Wheels, venv with stand-ins, read-only code and data (predict: bundle and test files); returns the paths."""
+    work = args.work
+    check_args(args)
     if work.exists():
         make_writable(work)
         shutil.rmtree(work)
@@ -279,27 +337,36 @@ def prepare(args: argparse.Namespace) -> dict:
         print(f"building wheels in {args.wheels}: {build_wheels(args.wheels):.0f} s", flush=True)
     n = link_standins(work / "preinstalled")
     python = make_venv(work / "venv", work / "preinstalled")
-    code = copy_read_only(tracked_files(ROOT), ROOT, work / "input" / "code")
-    sample = ROOT / "input" / "milk10k_sample"
-    data = copy_read_only([p for p in sample.rglob("*") if p.is_file()], sample, work / "input" / "milk10k")
-    print(f"venv {python} with {n} preinstalled stand-in entries; code {code}; data {data}", flush=True)
-    return dict(work=work, python=python, code=code, data=data, out=_mkdir(work / "working"))
+    if args.notebook == "predict":
+        inputs = predict_inputs(work, args.bundle, args.test_data)
+    else:
+        inputs = dict(code=copy_read_only(tracked_files(ROOT), ROOT, work / "input" / "code"),
+                      data=copy_read_only([p for p in SAMPLE.rglob("*") if p.is_file()], SAMPLE,
+                                          work / "input" / "milk10k"))
+    print(f"venv {python} with {n} preinstalled stand-in entries; read-only inputs {inputs}", flush=True)
+    return dict(work=work, python=python, out=_mkdir(work / "working"), read_only=list(inputs), **inputs)
+
+
+def notebook_params(args: argparse.Namespace, p: dict) -> dict[str, object]:
+    if args.notebook == "predict":
+        return predict_params(p, p["out"], args.wheels, args.extra)
+    return dict(CODE_DIR=str(p["code"]), WHEELS_DIR=str(args.wheels), DATA_DIR=str(p["data"]),
+                WORK_DIR=str(p["out"]), RECIPE=args.recipe, SKLESION_WEIGHTS=None, EXTRA_ARGS=args.extra)
 
 
 def rehearse(args: argparse.Namespace) -> dict:
     p = prepare(args)
     work = p["work"]
-    before = {k: tree_digest(p[k]) for k in ("code", "data")}
+    before = {k: tree_digest(p[k]) for k in p["read_only"]}
     os.environ["JUPYTER_PATH"] = str(work / "jupyter")
     os.environ["JUPYTER_RUNTIME_DIR"] = str(_mkdir(work / "jupyter_runtime"))
     kernel = write_kernelspec(work / "jupyter", p["python"])
-    params = dict(CODE_DIR=str(p["code"]), WHEELS_DIR=str(args.wheels), DATA_DIR=str(p["data"]),
-                  WORK_DIR=str(p["out"]), RECIPE=args.recipe, SKLESION_WEIGHTS=None, EXTRA_ARGS=args.extra)
     env = kernel_env(work, write_net_guard(work / "guard"))
     t0 = time.time()
     error = None
     try:
-        execute_notebook(notebook_with_params(params), p["out"], env, kernel, out=work / "executed.ipynb")
+        execute_notebook(notebook_with_params(notebook_params(args, p), NOTEBOOKS[args.notebook]), p["out"], env,
+                         kernel, out=work / "executed.ipynb")
     except Exception as e:  # noqa: BLE001 - reported below with the other checks
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     wall = time.time() - t0
@@ -311,7 +378,7 @@ def check(p: dict, before: dict, wall: float, error: str | None) -> dict:
     problems = [f"notebook failed: {error}"] if error else []
     if guard_log.is_file() and guard_log.read_text().strip():
         problems.append(f"network access attempted: {guard_log.read_text().strip().splitlines()[:3]}")
-    for k in ("code", "data"):
+    for k in before:
         changes = digest_changes(before[k], tree_digest(p[k]))
         if changes:
             problems.append(f"{k} folder written: {changes[:5]}")
@@ -329,10 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wheels", type=Path, default=Path("/tmp/wheels"), help="made here when absent")
     ap.add_argument("--no-build", action="store_true", help="fail instead of building a missing wheels folder")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kaggle_rehearsal"))
-    ap.add_argument("--recipe", default="configs/milk10k_sample")
-    ap.add_argument("--extra", nargs="*", default=[], help="config overrides for every stage")
+    ap.add_argument("--notebook", choices=sorted(NOTEBOOKS), default="train",
+                    help="train: kaggle/milk10k_kernel.ipynb; predict: kaggle/predict_kernel.ipynb (needs --bundle)")
+    ap.add_argument("--recipe", default="configs/milk10k_sample", help="train notebook: the recipe folder")
+    ap.add_argument("--bundle", type=Path, help="predict notebook: a bundle folder (tools/export_bundle.py)")
+    ap.add_argument("--test-data", type=Path, default=SAMPLE,
+                    help="predict notebook: a test release; only its test files are given to the notebook")
+    ap.add_argument("--extra", nargs="*", default=[], help="config overrides for every stage (predict: runtime ones)")
     args = ap.parse_args(argv)
-    args.wheels, args.work = args.wheels.resolve(), args.work.resolve()
+    args.wheels, args.work, args.test_data = args.wheels.resolve(), args.work.resolve(), args.test_data.resolve()
+    args.bundle = args.bundle.resolve() if args.bundle else None
     return run_tool(lambda: report(rehearse(args)))
 
 
