@@ -235,12 +235,14 @@ def config_fingerprint(cfg: dict, scope: str = "experiment") -> str:
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def file_sha1(path: str | Path) -> str:
-    h = hashlib.sha1()
+def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's bytes (`sha1`: folds.csv and inputs; `sha256`: bundle files)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def file_sha1(path: str | Path) -> str:
+    return file_digest(path, "sha1")
 
 
 def folds_sha1(cfg: dict) -> str | None:
@@ -455,12 +457,7 @@ def load_member(cfg: dict, exp: str, train: pd.DataFrame, test: pd.DataFrame | N
         raise PipelineError(f"{folder / OOF} lacks class columns {missing}")
     assert_same_ids(train, oof, f"member {exp}: OOF vs train lesions")
     oof = oof.set_index(ID).loc[train[ID].to_numpy()].reset_index()[[ID, *classes]]
-    te = None
-    if test is not None:
-        te = read_table(folder / TEST)
-        assert_same_ids(test, te, f"member {exp}: test predictions vs test lesions")
-        te = te.set_index(ID).loc[test[ID].to_numpy()].reset_index()[[ID, *classes]]
-    return oof, te
+    return oof, None if test is None else load_member_test(cfg, exp, test, classes, role)
 
 
 def load_member_test(cfg: dict, exp: str, test: pd.DataFrame, classes: list[str],

@@ -11,12 +11,11 @@ the rest JSON / YAML / Markdown / PNG. No ML library is imported here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from lib.core.artifacts import BUNDLE_JSON
+from lib.core.artifacts import BUNDLE_JSON, file_digest
 from lib.core.errors import PipelineError
 from lib.core.io import read_json
 
@@ -30,11 +29,7 @@ class BundleError(PipelineError):
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def _is_safetensors(path: Path) -> bool:
