@@ -93,10 +93,15 @@ def image_sha1(ref: str | Path) -> str:
     return h.hexdigest()
 
 
-def source_mtime(src: str) -> float:
-    """Newest modification time of the file(s) behind a source reference."""
+def source_stamp(src: str) -> int:
+    """The newest modification time (ns) of the file(s) behind a source reference: a cached copy carries
+    its source's stamp as its own mtime, so any other source file at that path (newer or older: a new
+    release) no longer matches it and is cached again."""
     files = [v.rpartition(HDF5_SEP)[0] if HDF5_SEP in v else v for v in str(src).split(VIEW_SEP)]
-    return max(os.path.getmtime(f) for f in files)
+    try:
+        return max(os.stat(f).st_mtime_ns for f in files)
+    except FileNotFoundError as e:
+        raise PipelineError(f"image not found: {e.filename}") from None
 
 
 def shades_of_gray(img: np.ndarray, p: int = 6) -> np.ndarray:
@@ -143,7 +148,8 @@ def complete_jpeg(path: str) -> bool:
 def process_one(src: str, dst: str, c: dict) -> str | None:
     """Cache one image; returns an error message instead of raising (for the worker pool)."""
     try:
-        if os.path.exists(dst) and os.path.getmtime(dst) >= source_mtime(src) and complete_jpeg(dst):
+        stamp = source_stamp(src)
+        if os.path.exists(dst) and os.stat(dst).st_mtime_ns == stamp and complete_jpeg(dst):
             return None
         img = read_rgb(src)
         if c["color_constancy"]:
@@ -157,6 +163,7 @@ def process_one(src: str, dst: str, c: dict) -> str | None:
             return f"{src}: JPEG encoding failed"
         with atomic_path(dst) as tmp:
             tmp.write_bytes(buf.tobytes())
+            os.utime(tmp, ns=(stamp, stamp))     # the source's stamp: what `stamp ==` checks next time
         return None
     except PipelineError as e:
         return str(e)

@@ -3,6 +3,8 @@ idempotent reruns (up-to-date files untouched), error aggregation."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+import shutil
 import time
 from itertools import product
 
@@ -124,21 +126,36 @@ def test_build_cache_pad_gives_squares_with_processing(tmp_path):
 
 def test_build_cache_skips_up_to_date_files(tmp_path):
     jobs = jobs_for(tmp_path)
-    cache.build_cache(jobs, cfg(), workers=1)
     past = time.time() - 100
-    for _, dst in jobs:                                   # make rewrites detectable
-        os.utime(dst, (past + 50, past + 50))
     for src, _ in jobs:
         os.utime(src, (past, past))
-    mt = {d: os.stat(d).st_mtime_ns for _, d in jobs}
     cache.build_cache(jobs, cfg(), workers=1)
-    assert {d: os.stat(d).st_mtime_ns for _, d in jobs} == mt
-    # a source newer than its cached copy is redone, the others stay
-    os.utime(jobs[1][0], (past + 90, past + 90))
+    assert all(os.stat(d).st_mtime_ns == os.stat(s).st_mtime_ns for s, d in jobs)   # the source's stamp
+    inode = {d: os.stat(d).st_ino for _, d in jobs}
     cache.build_cache(jobs, cfg(), workers=1)
-    after = {d: os.stat(d).st_mtime_ns for _, d in jobs}
-    assert after[jobs[1][1]] != mt[jobs[1][1]]
-    assert all(after[d] == mt[d] for i, (_, d) in enumerate(jobs) if i != 1)
+    assert {d: os.stat(d).st_ino for _, d in jobs} == inode                        # nothing rewritten
+    # another source at the same path (a new release) is cached again, newer or OLDER than the cached copy
+    for i, when in ((1, past + 90), (2, past - 90)):
+        os.utime(jobs[i][0], (when, when))
+    cache.build_cache(jobs, cfg(), workers=1)
+    after = {d: os.stat(d).st_ino for _, d in jobs}
+    assert after[jobs[1][1]] != inode[jobs[1][1]] and after[jobs[2][1]] != inode[jobs[2][1]]
+    assert all(after[d] == inode[d] for i, (_, d) in enumerate(jobs) if i not in (1, 2))
+
+
+def test_an_older_image_under_the_same_name_replaces_the_cached_one(tmp_path):
+    """A new test release whose image under a known id is older than the cached copy (the mtime rule
+    `cached >= source` kept the stale copy): the cached bytes are those of the new image."""
+    jobs = jobs_for(tmp_path)[:2]
+    cache.build_cache(jobs, cfg(), workers=1)
+    (src_a, dst_a), (src_b, _) = jobs
+    first = Path(dst_a).read_bytes()
+    shutil.copyfile(src_b, src_a)                  # another picture under the same name ...
+    old = time.time() - 10_000
+    os.utime(src_a, (old, old))                    # ... older than the cached copy
+    cache.build_cache(jobs, cfg(), workers=1)
+    assert Path(dst_a).read_bytes() != first
+    assert Path(dst_a).read_bytes() == Path(jobs[1][1]).read_bytes()
 
 
 def test_build_cache_workers_0_means_the_usable_cores(tmp_path, monkeypatch):
