@@ -30,9 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def work() -> None:
+        from lib.config.cli import DISK_ERRORS, disk_error
+        from lib.core.errors import PipelineError
         from lib.stages.bundle import export_bundle
 
-        doc = export_bundle(a.submit_exp, a.bundle)
+        try:
+            doc = export_bundle(a.submit_exp, a.bundle)
+        except OSError as e:   # a full or read-only disk: one line; the half-written bundle was removed
+            if e.errno not in DISK_ERRORS:
+                raise
+            raise PipelineError(disk_error(e)) from None
         print(f"{a.bundle}: {len(doc['recipe']['experiments'])} experiments, {len(doc['files'])} files, "
               f"{doc['bytes'] / 1e6:.1f} MB")
     return run_tool(work)

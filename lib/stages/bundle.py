@@ -36,6 +36,7 @@ from lib.core import artifacts as A
 from lib.core import bundle as B
 from lib.core.errors import MissingArtifactError, PipelineError
 from lib.core.io import read_json, write_json
+from lib.core.runtime import check_writable
 from lib.evaluation.ensemble import DEPLOYMENT_VERSION
 from lib.training.cached_trunk import FINETUNE_FORMAT_VERSION
 from lib.training.inference import fold_model_state
@@ -209,6 +210,7 @@ def export_bundle(submit_dir: str | Path, dest: str | Path) -> dict:
         raise PipelineError(f"{dest} exists and is not empty: give a new folder for the bundle")
     graph = recipe_graph(submit_dir)
     prep = _prep_of(submit_dir)
+    check_writable(dest.parent)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -171,3 +171,21 @@ def test_a_second_prediction_reuses_the_test_side_caches(trained: dict) -> None:
     a = pd.read_csv(trained["pred"] / "submission.csv")
     b = pd.read_csv(trained["out"] / "sample_submit/submission.csv")
     assert sorted(a["lesion_id"]) == sorted(b["lesion_id"])
+
+
+@pytest.mark.parametrize("what,match", [
+    ("stack", "is not a 05 experiment"),
+    ("nonempty", "exists and is not empty"),
+    ("absent", "is not a finished experiment"),
+])
+def test_export_refuses_what_is_not_a_finished_recipe(trained: dict, tmp_path: Path, what: str, match: str) -> None:
+    src = {"stack": trained["out"] / "sample_stack", "absent": trained["out"] / "nope"}.get(
+        what, trained["out"] / "sample_submit")
+    dest = tmp_path / "b"
+    if what == "nonempty":
+        dest.mkdir()
+        (dest / "x.json").write_text("{}")
+    p = subprocess.run([sys.executable, "tools/export_bundle.py", str(src), str(dest)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and match in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".b.tmp")]
