@@ -19,7 +19,7 @@ from lib.core.artifacts import (
     save_config,
 )
 from lib.core.errors import PipelineError
-from lib.core.runtime import seed_for
+from lib.core.runtime import resolve_device, seed_for
 from lib.core.io import (
     ID,
     assert_same_ids,
@@ -273,6 +273,8 @@ def run(cfg: dict) -> dict:
     test release), they only predict the test rows."""
 
     t0 = time.time()
+    if "xgb" in cfg["stack"]["heads"]:   # before any work, and the same in a fit and a reuse (the manifest's
+        resolve_device(cfg["stack"]["xgb"]["device"], "stack.xgb.device")   # determinism block sees torch)
     info, train, test = load_dataset(cfg)
     classes, task = info["classes"], info["task"]
     tr, te, blocks = build_inputs(cfg, info, train, test)
