@@ -140,6 +140,7 @@ def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: in
     ks = selected_folds(cfg, train, fold)
     test_rows = rows_key_of_test(cfg, info, test)
     d = D.setup(device)
+    ok = False
     try:
         for k in ks:
             if not fold_done(cfg, k, train):
@@ -155,5 +156,6 @@ def run(cfg: dict, fold: int | None = None, resume: bool = False, stop_after: in
         if d.main:
             aggregate(cfg, info, train, test, test_rows)
             save_config(cfg, exp_dir(cfg))
+        ok = True
     finally:
-        D.cleanup(d)
+        D.cleanup(d, ok)

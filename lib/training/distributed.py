@@ -83,9 +83,17 @@ def shard(n: int, d: Dist) -> np.ndarray:
     return np.arange(d.rank, n, d.world)
 
 
-def cleanup(d: Dist) -> None:
+def cleanup(d: Dist, ok: bool = False) -> None:
+    """Tear the process group down. After a successful run (`ok`) every rank first meets at a barrier,
+    so none still talks to the store rank 0 hosts when it goes (a rank left behind aborted at exit,
+    `terminate called without an active exception`, under load in CI); after an error no barrier (the
+    other ranks may never reach it: torchrun stops them)."""
     if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if ok:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 class GlobalBatchSampler:
