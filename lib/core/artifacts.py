@@ -442,21 +442,28 @@ def load_features(cfg: dict, names: list[str], split: str, exp: str | None = Non
     return out
 
 
+def _member_table(cfg: dict, exp: str, name: str, rows: pd.DataFrame, classes: list[str], role: str,
+                  hint: str, what: str) -> pd.DataFrame:
+    """`<output>/<exp>/<name>` (a member's OOF or test probabilities), rows in `rows` order, ids asserted;
+    refused (MissingArtifactError) when missing, without a manifest or made on another folds.csv."""
+    folder = exp_folder(cfg, exp)
+    if not (folder / name).exists():
+        raise MissingArtifactError(f"{role} '{exp}': {folder / name} not found: run 02_train_fold.py or "
+                                   f"04_stack.py for '{exp}'{hint} first")
+    require_same_folds(cfg, folder, role, exp)
+    df = read_table(folder / name)
+    missing = [c for c in classes if c not in df.columns]
+    if missing:
+        raise PipelineError(f"{folder / name} lacks class columns {missing}")
+    assert_same_ids(rows, df, f"member {exp}: {what}")
+    return df.set_index(ID).loc[rows[ID].to_numpy()].reset_index()[[ID, *classes]]
+
+
 def load_member(cfg: dict, exp: str, train: pd.DataFrame, test: pd.DataFrame | None,
                 classes: list[str], role: str = "member") -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """A member's OOF and test probabilities, rows in train/test order, ids asserted; refused
     (MissingArtifactError) when it is missing, has no manifest or was made on another folds.csv."""
-    folder = exp_folder(cfg, exp)
-    if not (folder / OOF).exists():
-        raise MissingArtifactError(f"{role} '{exp}': {folder / OOF} not found: run 02_train_fold.py or "
-                                   f"04_stack.py for '{exp}' first")
-    require_same_folds(cfg, folder, role, exp)
-    oof = read_table(folder / OOF)
-    missing = [c for c in classes if c not in oof.columns]
-    if missing:
-        raise PipelineError(f"{folder / OOF} lacks class columns {missing}")
-    assert_same_ids(train, oof, f"member {exp}: OOF vs train lesions")
-    oof = oof.set_index(ID).loc[train[ID].to_numpy()].reset_index()[[ID, *classes]]
+    oof = _member_table(cfg, exp, OOF, train, classes, role, "", "OOF vs train lesions")
     return oof, None if test is None else load_member_test(cfg, exp, test, classes, role)
 
 
@@ -464,14 +471,5 @@ def load_member_test(cfg: dict, exp: str, test: pd.DataFrame, classes: list[str]
                      role: str = "member") -> pd.DataFrame:
     """A member's test probabilities alone (`<output>/<exp>/test.parquet`), rows in `test` order, ids
     asserted; refused (MissingArtifactError) when missing, without a manifest or made on another folds.csv."""
-    folder = exp_folder(cfg, exp)
-    if not (folder / TEST).exists():
-        raise MissingArtifactError(f"{role} '{exp}': {folder / TEST} not found: run 02_train_fold.py or "
-                                   f"04_stack.py for '{exp}' with the test split first")
-    require_same_folds(cfg, folder, role, exp)
-    te = read_table(folder / TEST)
-    missing = [c for c in classes if c not in te.columns]
-    if missing:
-        raise PipelineError(f"{folder / TEST} lacks class columns {missing}")
-    assert_same_ids(test, te, f"member {exp}: test predictions vs test lesions")
-    return te.set_index(ID).loc[test[ID].to_numpy()].reset_index()[[ID, *classes]]
+    return _member_table(cfg, exp, TEST, test, classes, role, " with the test split",
+                         "test predictions vs test lesions")

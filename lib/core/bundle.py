@@ -60,7 +60,7 @@ def looks_like_pickle(path: str | Path) -> bool:
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
-def refuse_unsafe(path: Path, rel: str) -> None:
+def refuse_unsafe(path: Path) -> None:
     """BundleError when `path` is of a kind that can run code when loaded."""
     suffix = path.suffix.lower()
     if suffix in CODE_SUFFIXES or looks_like_pickle(path):
@@ -87,7 +87,7 @@ def file_records(root: Path) -> dict[str, dict]:
     recs = {}
     for rel in bundle_files(root):
         p = root / rel
-        refuse_unsafe(p, rel)
+        refuse_unsafe(p)
         recs[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return recs
 
@@ -116,13 +116,13 @@ def open_bundle(root: str | Path, expected_versions: dict[str, int]) -> dict:
     listed = doc.get("files") or {}
     present = set(bundle_files(root))
     for rel in sorted(present - set(listed)):
-        refuse_unsafe(root / rel, rel)
+        refuse_unsafe(root / rel)
         raise BundleError(f"{root / rel}: not listed in {path}: a bundle holds only the files it lists")
     for rel, rec in sorted(listed.items()):
         p = root / rel
         if rel not in present:
             raise BundleError(f"{p}: missing from the bundle ({path} lists it): copy the whole bundle folder again")
-        refuse_unsafe(p, rel)
+        refuse_unsafe(p)
         if p.stat().st_size != rec["bytes"] or sha256_file(p) != rec["sha256"]:
             raise BundleError(f"{p}: checksum does not match {path} (damaged or edited): copy the bundle again")
     return doc

@@ -453,7 +453,8 @@ def predict_test(cfg: dict, info: dict, test: pd.DataFrame, bundled: Path,
     """Stage 03's test side from a bundle (`bundled`: the bundle's `<exp>/features/`): every encoder's
     embeddings of the test rows (cached under `paths.prep` like 03), the fine-tunes' test logits from
     the bundled fold models, and `features.from_exps` logits from `fold_logits` ({exp: {fold: logits}},
-    computed from the bundled fold models). Written to `<paths.output>/<exp>/features/` as 03 writes them."""
+    computed from the bundled fold models). Written to `<paths.output>/<exp>/features/` as 03 writes them.
+    The caller has checked the installed encoder weights (`check_bundled_encoder`, before any write)."""
     frozen = Frozen(cfg)
     torch.set_num_threads(frozen.threads)
     tables = {"test": test[[ID] + [f"path_{m}" for m in info["modalities"]]]}
@@ -461,7 +462,6 @@ def predict_test(cfg: dict, info: dict, test: pd.DataFrame, bundled: Path,
     out.mkdir(parents=True, exist_ok=True)
     rows = Rows(cfg, info, tables, None) if cfg["features"]["encoders"] else None
     for enc in cfg["features"]["encoders"]:
-        check_bundled_encoder(enc, read_json(bundled / enc["name"] / A.BUNDLE_ENCODER), frozen.sha_cache)
         if enc["cut"]:
             paths, acts, tail_pool = extract_via_trunk(cfg, enc, info, tables, frozen, rows)
         else:

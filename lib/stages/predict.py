@@ -28,7 +28,7 @@ from lib.config.load import load_config
 from lib.core import artifacts as A
 from lib.core import bundle as B
 from lib.core.errors import PipelineError
-from lib.core.io import ID, read_json, read_table, write_json, write_parquet
+from lib.core.io import ID, atomic_path, read_json, write_json, write_parquet
 from lib.core.runtime import check_writable, torch_device
 from lib.data import formats
 from lib.evaluation.ensemble import deployed_probs
@@ -113,12 +113,12 @@ def _predict_train(cfg: dict, info: dict, test: pd.DataFrame, src: Path, d: D.Di
         out = dst / A.fold_name(k)
         out.mkdir(parents=True, exist_ok=True)
         model = load_bundled_fold_model(fdir / A.BUNDLE_MODEL, meta, d.device)
-        per_fold[k] = fold_test_pass(cfg, info, test, model, meta, out, d, f"{cfg['exp']} fold {k} test")
+        logits = fold_test_pass(cfg, info, test, model, meta, out, d, f"{cfg['exp']} fold {k} test")
+        per_fold[k] = logits.astype(np.float64)   # float32 -> float64 is exact: what the parquet holds
         write_parquet(prediction_table(test[ID], per_fold[k], classes), out / A.FOLD_TEST_LOGITS)
-    probs = [probabilities(read_table(dst / A.fold_name(k) / A.FOLD_TEST_LOGITS)[classes].to_numpy(), task)
-             for k in sorted(per_fold)]
+    probs = [probabilities(per_fold[k], task) for k in sorted(per_fold)]
     write_parquet(prediction_table(test[ID], np.mean(probs, 0), classes), dst / A.TEST)
-    return {k: read_table(dst / A.fold_name(k) / A.FOLD_TEST_LOGITS)[classes].to_numpy(np.float64) for k in per_fold}
+    return per_fold
 
 
 def _predict_submit(cfg: dict, info: dict, test: pd.DataFrame, src: Path, work: Path) -> Path:
@@ -131,9 +131,8 @@ def _predict_submit(cfg: dict, info: dict, test: pd.DataFrame, src: Path, work: 
     write_parquet(te, out / A.TEST)
     write_test_submission(cfg, info, test, te, dep, out)
     final = work / A.SUBMISSION
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.copyfile(out / A.SUBMISSION, tmp)
-    tmp.replace(final)
+    with atomic_path(final) as tmp:
+        shutil.copyfile(out / A.SUBMISSION, tmp)
     return final
 
 
@@ -160,7 +159,7 @@ def run(bundle: str | Path, test_root: str | Path, output: str | Path, exp: str 
     nodes = doc["recipe"]["experiments"]
     base = _config(bundle / A.BUNDLE_PREP / A.CONFIG, test_root, work, list(overrides or []))
     cfgs = {_key(n): _node_config(bundle, n, test_root, work, list(overrides or [])) for n in nodes}
-    info = {**read_json(bundle / A.BUNDLE_PREP / A.DATASET)}
+    info = read_json(bundle / A.BUNDLE_PREP / A.DATASET)
     raw = read_release(base, info, test_root)
     check_encoders(bundle, nodes, cfgs)
     check_writable(work)                      # the first write: everything above only read

@@ -116,19 +116,6 @@ def check_patient_columns(info: dict, train: pd.DataFrame | None, test: pd.DataF
                             "(test-metadata.csv patient_id / the generic test CSV's group_col)")
 
 
-def add_patient_features(cfg: dict, info: dict, train: pd.DataFrame, test: pd.DataFrame | None,
-                         tr: pd.DataFrame, te: pd.DataFrame | None, blocks: dict[str, list[str]]
-                         ) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
-    """Patient-relative copies of the numeric metadata and of the members' OOF scores.
-
-    Needs a group column (`group`: ISIC 2024 patient_id) and folds grouped by it, so each
-    patient's rows sit in one fold: a row's statistics then come from rows predicted by the same
-    fold model (OOF columns) and never from another fold's labels. Test rows use test rows only."""
-    check_patient_columns(info, train, test)
-    tr, new = _patient_side(cfg, train, tr, blocks)
-    return tr, None if te is None else _patient_side(cfg, test, te, blocks)[0], new
-
-
 def _patient_side(cfg: dict, src: pd.DataFrame, df: pd.DataFrame, blocks: dict[str, list[str]]
                   ) -> tuple[pd.DataFrame, list[str]]:
     """`df` + the patient-relative columns of one side (its rows' statistics come from its own rows)."""

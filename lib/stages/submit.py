@@ -144,11 +144,10 @@ def run(cfg: dict) -> dict:
     chosen = _decide(s, task, res, honest)
     decision = chosen["decision"]
     thr = np.array([metrics["thresholds"][c] for c in classes])
-    members = [{"exp": n, "weight": float(x)} for n, x in zip(names, w)]
     dep = ensemble.deployment(classes, task, names, w, s["blend"], tau, y, decision, metrics["thresholds"])
     te = ensemble.deployed_probs(dep, tests) if test is not None else None
     cv = A.cv_document("submit", cfg["exp"], task, metrics, submit={
-        "members": members, "weights": weights_info, **chosen, "honest_cv": honest})
+        "members": dep["members"], "weights": weights_info, **chosen, "honest_cv": honest})
     write_parquet(oof, out / A.OOF)
     if te is not None:
         write_parquet(te, out / A.TEST)

@@ -214,18 +214,30 @@ def fold_test_current(folder: Path, rows: str | None) -> bool:
             and read_json(side).get("rows") == rows)
 
 
-def load_fold_model(path: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """A fold's model.pt -> (eval model, its saved dict with `spec` completed by `saved_spec`)."""
+def read_fold_model_file(path: Path, allow_unversioned: bool = True) -> dict:
+    """A fold's model.pt as saved (weights_only); refused when missing or of another format version (one
+    without a version, written before versions existed, only when `allow_unversioned`)."""
     if not path.exists():
         raise PipelineError(f"{path} not found: train that experiment with 02_train_fold.py first")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     version = obj.get("format_version")
-    if version is not None and version != CHECKPOINT_VERSION:
+    if (version is not None or not allow_unversioned) and version != CHECKPOINT_VERSION:
         raise MissingArtifactError(f"{path} has model format version {version} (this code reads "
                                    f"{CHECKPOINT_VERSION}): retrain that experiment with 02_train_fold.py")
-    model = build_model(obj["model_cfg"], weights=None, **obj["model_args"])
-    model.load_state_dict(obj["state_dict"])
-    return model.to(device).eval(), {**obj, "spec": saved_spec(obj)}
+    return obj
+
+
+def _built_model(meta: dict, state: dict, device: str) -> nn.Module:
+    """The eval model a fold model's saved `model_cfg` / `model_args` describe, with weights `state`."""
+    model = build_model(meta["model_cfg"], weights=None, **meta["model_args"])
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_fold_model(path: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """A fold's model.pt -> (eval model, its saved dict with `spec` completed by `saved_spec`)."""
+    obj = read_fold_model_file(path)
+    return _built_model(obj, obj["state_dict"], device), {**obj, "spec": saved_spec(obj)}
 
 
 def saved_spec(obj: dict) -> dict:
@@ -306,10 +318,7 @@ def _fold_logits(cfg: dict, exp: str, k: int, rows: pd.DataFrame, test: pd.DataF
 
 def fold_model_state(path: Path) -> tuple[dict, dict]:
     """A fold's model.pt (weights_only) -> (its state dict, the rest: JSON-able) for a bundle."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if obj.get("format_version") != CHECKPOINT_VERSION:
-        raise MissingArtifactError(f"{path} has model format version {obj.get('format_version')} (this code reads "
-                                   f"{CHECKPOINT_VERSION}): retrain that experiment with 02_train_fold.py")
+    obj = read_fold_model_file(path, allow_unversioned=False)
     state = {k: v.detach().cpu().contiguous() for k, v in obj["state_dict"].items()}
     return state, {k: v for k, v in obj.items() if k != "state_dict"}
 
@@ -321,9 +330,7 @@ def load_bundled_fold_model(weights: Path, meta: dict, device: str = "cpu") -> n
     if meta.get("format_version") != CHECKPOINT_VERSION:
         raise MissingArtifactError(f"{weights}: model format version {meta.get('format_version')} (this code reads "
                                    f"{CHECKPOINT_VERSION}): export the bundle again")
-    model = build_model(meta["model_cfg"], weights=None, **meta["model_args"])
-    model.load_state_dict(load_file(str(weights)))
-    return model.to(device).eval()
+    return _built_model(meta, load_file(str(weights)), device)
 
 
 def fold_test_pass(cfg: dict, info: dict, test: pd.DataFrame, model: nn.Module, meta: dict, folder: Path,

@@ -84,12 +84,12 @@ def test_stack_refuses_features_made_on_other_folds_or_without_manifest(preps: P
 def test_patient_features_need_grouped_folds_and_test_patients():
     tr = pd.DataFrame({"lesion_id": ["a", "b"], "fold": [0, 1], "y_X": [1.0, 0.0], "group": ["p", "q"]})
     with pytest.raises(PipelineError, match="folds grouped by it"):
-        stack.add_patient_features({}, {"group": None}, tr, None, tr, None, {})
+        stack.check_patient_columns({"group": None}, tr, None)
     with pytest.raises(PipelineError, match="folds grouped by it"):
-        stack.add_patient_features({}, {"group": "group"}, tr.drop(columns="group"), None, tr, None, {})
+        stack.check_patient_columns({"group": "group"}, tr.drop(columns="group"), None)
     te = pd.DataFrame({"lesion_id": ["t"]})
     with pytest.raises(PipelineError, match="test table has no patient column"):
-        stack.add_patient_features({}, {"group": "group"}, tr, te, tr, te, {})
+        stack.check_patient_columns({"group": "group"}, tr, te)
 
 
 def test_each_fold_stacker_reads_its_fold_models_test_features(preps: Path) -> None:
